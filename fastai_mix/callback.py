@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import torch
 from torch import Tensor
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, GatherPredsCallback
 from .core import *
 
 # %% auto #0
@@ -21,11 +21,15 @@ def mixes_loss(loss_func, yb:Sequence[Tensor]) -> bool:
 class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
+    order = GatherPredsCallback.order + 10 # after every fastai callback: nothing runs between the loss swap and the loss call
+    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf') # per-batch state: not pickled by `learn.export`
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
     ):
         self.alpha = check_alpha(alpha)
-        self.perm = self.lam = self.yb1 = self._old_lf = None
+        self._init_state()
+
+    def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
 
     def mix(self, xb:tuple) -> tuple: # (mixed xb, perm, lam), as `mixup`, `cutmix` and `resizemix` return
         "Mix the inputs `xb`; subclasses implement this"
@@ -54,7 +58,9 @@ class MixHandler(Callback):
     def after_batch(self):
         self._restore_loss()
         self.perm = self.lam = self.yb1 = None
-    def before_fit(self): self._restore_loss() # a fit ended by an interrupt inside the loss swap
+    def before_fit(self): # after a fit ended by an interrupt inside the loss swap
+        self._restore_loss()
+        self._init_state()
     def before_train(self):
         others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler) and cb is not self]
         if others: raise ValueError(f"One mixing callback per learner: {type(self).__name__} found {', '.join(others)} on the learner too. "

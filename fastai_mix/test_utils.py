@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import torch, torch.nn as nn
 from torch import Tensor
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
+from fastai.data.core import DataLoaders, Datasets
+from fastai.data.transforms import ItemGetter
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
@@ -30,8 +30,8 @@ def synth_dls(
     y = torch.randint(0, c, (n,), generator=g)
     x = torch.randn(n, *shape, generator=g) + y.view(-1, *[1]*len(shape)).float()
     if multi_label: y = nn.functional.one_hot(y, c).float()
-    ds = list(zip(x, y))
-    return DataLoaders(DataLoader(ds, bs=bs, shuffle=True), DataLoader(ds, bs=bs))
+    dsets = Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n)), list(range(n))])
+    return dsets.dataloaders(bs=bs, drop_last=False) # a real fastai pipeline (so `learn.export` works), odd last batch kept
 
 def synth_learner(
     loss_func=None, # Loss, `CrossEntropyLossFlat()` by default

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up a virtualenv (.venv) and run every test: the notebooks (nbdev-test) and the pytest suite.
+# CUDA tests skip without a GPU. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+export IPYTHONDIR="$PWD/.cache/ipython" MPLCONFIGDIR="$PWD/.cache/mpl"   # nothing lands in $HOME
+.venv/bin/nbdev-test
+.venv/bin/python -m pytest -q "$@"
