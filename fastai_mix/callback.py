@@ -67,7 +67,7 @@ class MixHandler(Callback):
                                     "Remove one (learn.remove_cb) or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
     def after_fit(self): self.after_batch()
 
-# %% ../nbs/01_callback.ipynb #1ffffb5a
+# %% ../nbs/01_callback.ipynb #78091ed5
 class MixUp(MixHandler):
     "MixUp (Zhang et al. 2018, https://arxiv.org/abs/1710.09412): blend each sample with a random partner"
     def __init__(self,
@@ -75,7 +75,7 @@ class MixUp(MixHandler):
     ): super().__init__(alpha)
     def mix(self, xb): return mixup(xb, self.alpha)
 
-# %% ../nbs/01_callback.ipynb #80c554e9
+# %% ../nbs/01_callback.ipynb #9c017985
 class CutMix(MixHandler):
     "CutMix (Yun et al. 2019, https://arxiv.org/abs/1905.04899): paste a box of a random partner into each sample"
     def __init__(self,
@@ -83,7 +83,7 @@ class CutMix(MixHandler):
     ): super().__init__(alpha)
     def mix(self, xb): return cutmix(xb, self.alpha, inplace=True)
 
-# %% ../nbs/01_callback.ipynb #c82e9705
+# %% ../nbs/01_callback.ipynb #73e5ded0
 class ResizeMix(MixHandler):
     "ResizeMix (Qin et al. 2020, https://arxiv.org/abs/2012.11101): paste each sample's whole partner, resized into a box"
     def __init__(self,

@@ -241,7 +241,7 @@ def paste_resized(
     out[(slice(None), slice(None), *box)] = small[perm]
     return out
 
-# %% ../nbs/00_core.ipynb #5ec2f022
+# %% ../nbs/00_core.ipynb #f9d8be33
 def resizemix(
     x:Tensor|Sequence[Tensor], # Batch with 1 to 3 spatial dims, or the inputs of a model with several inputs
     alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`)
