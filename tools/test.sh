@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 export IPYTHONDIR="$PWD/.cache/ipython" MPLCONFIGDIR="$PWD/.cache/mpl"   # nothing lands in $HOME
+mkdir -p "$IPYTHONDIR" "$MPLCONFIGDIR"
 .venv/bin/nbdev-test
 .venv/bin/python -m pytest -q "$@"
