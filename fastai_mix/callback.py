@@ -54,18 +54,18 @@ class MixHandler(Callback):
     def _restore_loss(self):
         if self._old_lf is not None: self.learn.loss_func, self._old_lf = self._old_lf, None
 
-    def after_loss(self): self._restore_loss()
-    def after_batch(self):
-        self._restore_loss()
-        self.perm = self.lam = self.yb1 = None
-    def before_fit(self): # after a fit ended by an interrupt inside the loss swap
+    def _reset(self):
         self._restore_loss()
         self._init_state()
+
+    def after_loss(self): self._restore_loss()
+    def after_batch(self): self._reset()
+    def before_fit(self): self._reset() # after a fit ended by an interrupt inside the loss swap
     def before_train(self):
         others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler) and cb is not self]
         if others: raise ValueError(f"One mixing callback per learner: {type(self).__name__} found {', '.join(others)} on the learner too. "
                                     "Remove one (learn.remove_cb) or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
-    def after_fit(self): self.after_batch()
+    def after_fit(self): self._reset()
 
 # %% ../nbs/01_callback.ipynb #78091ed5
 class MixUp(MixHandler):

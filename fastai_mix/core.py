@@ -90,10 +90,13 @@ def _map_floats(xs:list[Tensor], f, single:bool):
     res = [done.get(id(o), o) for o in xs]
     return res[0] if single else tuple(res)
 
-def _first_float(xs:list[Tensor], caller:str) -> Tensor:
-    for o in xs:
-        if o.is_floating_point(): return o
-    raise TypeError(f"{caller} mixes floating point inputs, but none of the {len(xs)} given is one (dtypes: {[o.dtype for o in xs]})")
+def _inputs(x, generator, caller:str) -> tuple[list[Tensor], bool, Tensor]:
+    "`x` as a list, whether it was a single tensor, and its first floating point tensor (which `generator` must match)"
+    xs, single = _as_list(x)
+    ref = next((o for o in xs if o.is_floating_point()), None)
+    if ref is None: raise TypeError(f"{caller} mixes floating point inputs, but none of the {len(xs)} given is one (dtypes: {[o.dtype for o in xs]})")
+    _check_generator(generator, ref)
+    return xs, single, ref
 
 # %% ../nbs/00_core.ipynb #56e0b0d3
 def mixup_lam(
@@ -128,9 +131,7 @@ def mixup(
 ) -> tuple: # (mixed, perm, lam): lam holds one share per sample, float32
     "MixUp: blend each sample with a random partner of the batch, one share >= 0.5 per sample"
     alpha = check_alpha(alpha)
-    xs, single = _as_list(x)
-    ref = _first_float(xs, 'mixup')
-    _check_generator(generator, ref)
+    xs, single, ref = _inputs(x, generator, 'mixup')
     lam = mixup_lam(len(ref), alpha, ref.device, generator)
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
     lam = round_share(lam, xs)
@@ -187,9 +188,7 @@ def cutmix(
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float
     "CutMix: paste a box of a random partner into each sample, one box per batch"
     alpha = check_alpha(alpha)
-    xs, single = _as_list(x)
-    ref = _first_float(xs, 'cutmix')
-    _check_generator(generator, ref)
+    xs, single, ref = _inputs(x, generator, 'cutmix')
     size = _spatial_size(xs, 'CutMix')
     hg = _host_generator(generator, ref)
     lam = beta_sample(alpha, 1, generator=hg).item()
@@ -253,9 +252,7 @@ def resizemix(
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float
     "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch"
     alpha, (lam_min, lam_max), _ = check_alpha(alpha), check_lam_range(lam_min, lam_max), check_interpolation(interpolation)
-    xs, single = _as_list(x)
-    ref = _first_float(xs, 'resizemix')
-    _check_generator(generator, ref)
+    xs, single, ref = _inputs(x, generator, 'resizemix')
     size = _spatial_size(xs, 'ResizeMix')
     hg = _host_generator(generator, ref)
     lam = lam_min + (lam_max - lam_min) * beta_sample(alpha, 1, generator=hg).item()

@@ -24,7 +24,7 @@ def share_from_pixels(mixer, r):
     changed = (r['xm'] != r['x']).flatten(2).any(1).float().mean(1) # ResizeMix: the box, up to equal pixels
     return 1 - changed
 
-def run(mixer, loss_func=None, n_batches=None, **kwargs):
+def run(mixer, loss_func=None, **kwargs):
     spy = MixSpy()
     learn = synth_learner(loss_func=loss_func, cbs=[mixer, spy], **kwargs)
     learn.fit(1, lr=0)
