@@ -79,6 +79,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastai_mix.demo.plot_curves': ('demo.html#plot_curves', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.results_table': ('demo.html#results_table', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.run_demo': ('demo.html#run_demo', 'fastai_mix/demo.py'),
+                                 'fastai_mix.demo.save_batch': ('demo.html#save_batch', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.save_results': ('demo.html#save_results', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.small_cnn': ('demo.html#small_cnn', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.split_idxs': ('demo.html#split_idxs', 'fastai_mix/demo.py'),

@@ -22,12 +22,13 @@ from fastai.metrics import accuracy
 import fastai.callback.schedule # Learner.fit_one_cycle
 import fastai.callback.progress # fastai's progress bars
 from .callback import MixUp, CutMix, ResizeMix
+import fastai_mix.show # MixHandler.show_batch
 
 # %% auto #0
 __all__ = ['ARCHS', 'MIXERS', 'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError', 'fresh_dir',
            'true_label', 'write_digits', 'has_split', 'image_classes', 'stage_folder', 'image_dls', 'small_cnn',
-           'make_model', 'make_mixer', 'train_mixer', 'results_table', 'plot_curves', 'save_results', 'run_demo',
-           'demo_parser', 'main']
+           'make_model', 'make_mixer', 'save_batch', 'train_mixer', 'results_table', 'plot_curves', 'save_results',
+           'run_demo', 'demo_parser', 'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -205,6 +206,20 @@ def make_mixer(
     return None if MIXERS[name] is None else MIXERS[name]()
 
 # %% ../nbs/02_demo.ipynb #8da26de8
+def save_batch(
+    mixer, # A mixer on a learner
+    fname:Path, # PNG file to write
+    max_n:int=8, # Number of samples, in two rows
+) -> Path:
+    "Write the mixer's `show_batch` of its learner's data, titled with the mixer's name, to `fname`"
+    import matplotlib.pyplot as plt
+    fig = mixer.show_batch(max_n=max_n, nrows=2)
+    fig.suptitle(type(mixer).__name__)
+    fig.tight_layout()
+    fig.savefig(fname, dpi=60)
+    plt.close(fig)
+    return Path(fname)
+
 @delegates(image_dls)
 def train_mixer(
     path:Path, # Image folder, as `image_dls` takes it
@@ -213,13 +228,16 @@ def train_mixer(
     epochs:int=5, # Epochs of `fit_one_cycle`
     lr:float=3e-2, # Maximum learning rate of `fit_one_cycle`
     seed:int=42, # Seed of the data order, the augmentation and the weights
+    show:Path|None=None, # PNG file for a mixed training batch (`show_batch`), drawn before training
     **kwargs, # Passed to `image_dls`
 ) -> dict: # mixer, train_loss, valid_loss, accuracy, sec_per_epoch and the per-epoch `history`
     "Train a fresh model on `path` with `mixer`, from `seed`, and return its final numbers and history"
     set_seed(seed, reproducible=True)
     dls = image_dls(path, seed=seed, **kwargs)
     set_seed(seed, reproducible=True)
-    learn = Learner(dls, make_model(arch, dls.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=make_mixer(mixer))
+    cb = make_mixer(mixer)
+    learn = Learner(dls, make_model(arch, dls.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
+    if show is not None and cb is not None: save_batch(cb, show) # changes nothing: training is the same with or without
     start = time.perf_counter()
     learn.fit_one_cycle(epochs, lr)
     secs = time.perf_counter() - start
@@ -299,15 +317,16 @@ def run_demo(
     if data is None: path = write_digits(out/'digits', seed=seed, n_train=n_train, noise=noise)
     elif noise or n_train is not None: path = stage_folder(data, out/'data', seed=seed, n_train=n_train, noise=noise)
     else: path = Path(data)
-    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    rows, batches = [], {m: out/f'batch_{m}.png' for m in mix if m != 'none'}
     for m in mix:
         print(f"\n== {m} ==", flush=True)
-        rows.append(train_mixer(path, m, arch=arch, epochs=epochs, lr=lr, seed=seed, size=size, bs=bs))
+        rows.append(train_mixer(path, m, arch=arch, epochs=epochs, lr=lr, seed=seed, size=size, bs=bs, show=batches.get(m)))
     settings = dict(mix=list(mix), epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, seed=seed, n_train=n_train,
                     data=str(data) if data is not None else 'sklearn digits', images=str(path), device=str(default_device()),
                     torch=torch.__version__, wall_seconds=round(time.perf_counter() - start, 1))
-    paths = save_results(rows, settings, out)
-    print(f"\n{results_table(rows)}\n\nwrote {', '.join(str(p) for p in paths.values())} in {settings['wall_seconds']} s")
+    paths = [*save_results(rows, settings, out).values(), *batches.values()]
+    print(f"\n{results_table(rows)}\n\nwrote {', '.join(map(str, paths))} in {settings['wall_seconds']} s")
     return rows
 
 # %% ../nbs/02_demo.ipynb #b8c51c11
@@ -330,7 +349,8 @@ def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastai-mix', description='MixUp, CutMix and ResizeMix callbacks for fastai')
     sub = p.add_subparsers(dest='command', required=True, metavar='command')
     d = sub.add_parser('demo', help='train a small CNN with each mixer on real digits and compare',
-                       description='Train the same model once per mixer and write results.md, results.json and curves.png to --out.')
+                       description='Train the same model once per mixer; write results.md, results.json, curves.png and '
+                                   'a mixed training batch per mixer (batch_<mixer>.png) to --out.')
     def arg(name, help, shown='%(default)s', **kw): d.add_argument(name, help=f"{help} (default: {shown})", **kw)
     arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, default=','.join(MIXERS), metavar='NAMES', shown='all')
     arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, default=5, metavar='N')
@@ -349,8 +369,9 @@ def demo_parser() -> argparse.ArgumentParser:
 def main(
     argv:list[str]|None=None, # Arguments, `sys.argv[1:]` when None
 ) -> None:
-    "The `fastai-mix` console script"
+    "The `fastai-mix` console script (also `python -m fastai_mix`)"
     args = demo_parser().parse_args(argv)
+    import matplotlib; matplotlib.use('Agg') # the command writes its figures to files and shows none
     kw = {k: v for k, v in vars(args).items() if k != 'command'}
     if args.data is not None and not Path(args.data).is_dir(): demo_parser().error(f"--data {args.data} is not a folder")
     try: run_demo(**kw)

@@ -58,7 +58,7 @@ def untouched(
         try: yield
         finally: vars(dl).clear(); vars(dl).update(attrs)
 
-# %% ../nbs/03_show.ipynb #f10be392
+# %% ../nbs/03_show.ipynb #e85b5985
 def show_input(
     x:Tensor, # One decoded input: an image (C,H,W), a volume (C,D,H,W), or a signal (C,L) or (L,)
     ax, # Matplotlib axis to draw on
@@ -66,7 +66,7 @@ def show_input(
 ):
     "Draw one input on `ax`: an image as fastai shows it, a volume's middle slice, a signal as one line per channel"
     if x.ndim <= 2:
-        ax.plot(x.detach().float().cpu().T.numpy(), **kwargs) # (L, C): one line per channel
+        ax.plot(x.detach().float().cpu().reshape(-1, x.shape[-1]).T.numpy(), **kwargs) # (L, C): one line per channel
         return ax
     if x.ndim == 4: x = x[:, x.shape[1] // 2] # a volume: its middle slice
     if x.is_floating_point(): x = x.float() # matplotlib draws no fp16/bf16

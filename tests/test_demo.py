@@ -1,5 +1,5 @@
 "The `fastai-mix demo` command end to end: the digits, `--data` folders, label noise, the written results"
-import json, math
+import json, math, subprocess, sys
 import numpy as np, pytest, torch
 from pathlib import Path
 from PIL import Image
@@ -21,9 +21,12 @@ def read_results(out:Path, n:int) -> dict:
     rows = [l for l in (out/'results.md').read_text().splitlines() if l.startswith('| ') and not l.startswith('| mixer')]
     eq_([l.split('|')[1].strip() for l in rows], [r['mixer'] for r in res['results']])
     for l in rows: assert all(math.isfinite(float(c)) for c in l.strip('| ').split('|')[1:])
-    with Image.open(out/'curves.png') as im:
-        eq_(im.format, 'PNG'); im.load()
-        assert im.size[0] > 100 and im.size[1] > 100
+    mixers = [r['mixer'] for r in res['results'] if r['mixer'] != 'none']
+    eq_(sorted(o.name for o in out.glob('batch_*.png')), sorted(f'batch_{m}.png' for m in mixers)) # one mixed batch per mixer
+    for f in ['curves.png', *(f'batch_{m}.png' for m in mixers)]:
+        with Image.open(out/f) as im:
+            eq_(im.format, 'PNG'); im.load()
+            assert im.size[0] > 100 and im.size[1] > 100 and np.asarray(im).std() > 0, f # drawn, not blank
     return res
 
 def random_images(path:Path, classes=('cat', 'dog', 'emu'), n:int=8, seed:int=0) -> Path:
@@ -51,6 +54,23 @@ def test_same_seed_same_run(tmp_path):
     path = write_digits(tmp_path/'digits', n_train=128)
     runs = [train_mixer(path, 'mixup', epochs=1, size=16, bs=32) for _ in range(2)]
     eq_(runs[0]['history'], runs[1]['history'])
+
+def test_batch_picture_changes_nothing(tmp_path):
+    "Drawing the mixed batch before training leaves the run as it would be without it"
+    path = write_digits(tmp_path/'digits', n_train=128)
+    runs = [train_mixer(path, 'cutmix', epochs=1, size=16, bs=32, show=show) for show in (tmp_path/'b.png', None)]
+    eq_(runs[0]['history'], runs[1]['history'])
+    assert (tmp_path/'b.png').stat().st_size > 1000
+
+def test_python_m(tmp_path):
+    "`python -m fastai_mix` is the `fastai-mix` command"
+    r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--help'], capture_output=True, text=True)
+    eq_(r.returncode, 0); assert '--mix NAMES' in r.stdout and 'batch_<mixer>.png' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--mix', 'none,mixup', '--epochs', '1', '--n-train', '64',
+                        '--size', '16', '--bs', '32', '--out', str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '| mixup |' in r.stdout
+    read_results(tmp_path, 2)
 
 @pytest.mark.parametrize('split', [False, True])
 def test_data_folder(tmp_path, split):

@@ -1,0 +1,135 @@
+"`show_batch`: what it draws is the mixed batch, its titles are the loss's labels and shares read back from the pixels, and it leaves no trace"
+import random
+import numpy as np, pytest, torch
+import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from fastcore.test import test_eq as eq_
+from fastai.data.core import Datasets
+from fastai.data.transforms import ItemGetter, Categorize, Normalize
+from fastai.torch_core import TensorImage, no_random, set_seed
+from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, mix_title
+from fastai_mix.show import untouched
+from fastai_mix.test_utils import synth_learner, synth_dls, blend_shares, paste_shares
+
+MIXERS = [MixUp, CutMix, ResizeMix]
+VOCAB = ['ant', 'bee', 'cat', 'dog']
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close('all')
+
+def named_dls(n=32, bs=8, shape=(3, 12, 16), seed=0):
+    "Random images with names for labels, normalised on the batch: a pipeline whose decoding matters"
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = torch.rand(n, *shape, generator=g), torch.randint(0, len(VOCAB), (n,), generator=g)
+    items = [(TensorImage(x), VOCAB[y]) for x, y in zip(xs, ys)]
+    dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize(vocab=VOCAB)]], splits=[range(n), range(n)])
+    return dsets.dataloaders(bs=bs, after_batch=[Normalize.from_stats([.5] * 3, [.25] * 3, cuda=False)])
+
+def pixel_shares(mixer, x, xm, perm):
+    if isinstance(mixer, MixUp): return blend_shares(x, xm, perm)
+    if isinstance(mixer, CutMix): return paste_shares(x, xm, perm)
+    return 1 - (xm != x).flatten(2).any(1).float().mean(1) # ResizeMix: the pixels outside the box
+
+def shown(fig): return torch.stack([torch.as_tensor(np.asarray(ax.images[0].get_array())).permute(2, 0, 1) for ax in fig.axes])
+
+@pytest.mark.parametrize('mixer', MIXERS)
+def test_draws_the_decoded_mixed_batch_titled_with_pixel_shares(mixer):
+    mixer, dls = mixer(), named_dls()
+    fig = mixer.show_batch(dls, seed=3, max_n=8)
+    eq_(len(fig.axes), 8)
+    dl = dls.train
+    with untouched(dl, 3): # the same draws again, to know the originals and the partners
+        x, y = dl.one_batch()
+        _, perm, _ = mixer.mix((x.clone(),))
+    x = dl.decode((x,))[0] # denormalised, as shown
+    xm = shown(fig)
+    assert xm.min() >= 0 and xm.max() <= 1 # denormalised: the random images were in [0, 1]
+    shares = pixel_shares(mixer, x, xm, perm)
+    for i, ax in enumerate(fig.axes):
+        pct = 100 if perm[i] == i else round(100 * shares[i].item())
+        eq_(ax.get_title(), mix_title(VOCAB[y[i]], VOCAB[y[perm[i]]], pct))
+    assert any(perm[i] != i and 0 < shares[i] < 1 for i in range(8)) # the batch was mixed
+
+@pytest.mark.parametrize('mixer', MIXERS)
+def test_leaves_learner_data_and_random_states_as_they_were(mixer):
+    def train(show):
+        with no_random(1): learn = synth_learner(cbs=mixer(), shape=(3, 8, 8))
+        set_seed(2)
+        if show:
+            cb = learn.cbs.filter(lambda o: isinstance(o, MixHandler))[0]
+            learn_vars, dl_vars = dict(vars(learn)), [dict(vars(dl)) for dl in learn.dls]
+            states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+            w = [p.clone() for p in learn.model.parameters()]
+            fig = getattr(learn, cb.name).show_batch(max_n=4)
+            eq_(len(fig.axes), 4)
+            assert all(vars(learn)[k] is v for k, v in learn_vars.items()) and vars(learn).keys() == learn_vars.keys()
+            for dl, before in zip(learn.dls, dl_vars): assert vars(dl).keys() == before.keys() and all(vars(dl)[k] is v for k, v in before.items())
+            eq_(random.getstate(), states[0]); eq_(np.random.get_state()[1], states[1]); eq_(torch.get_rng_state(), states[2])
+            assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), w)) and cb.perm is None
+        learn.fit(1)
+        return learn.recorder.losses
+    eq_(train(show=True), train(show=False)) # training after a look is training without it
+
+@pytest.mark.parametrize('mixer', [CutMix, ResizeMix]) # the two that paste in place
+def test_a_given_batch_is_left_unchanged(mixer):
+    dls = named_dls()
+    b = dls.one_batch()
+    b0 = tuple(o.clone() for o in b)
+    fig = mixer().show_batch(dls, b=b, seed=0, max_n=3)
+    assert all(torch.equal(o, o0) for o, o0 in zip(b, b0))
+    for i, ax in enumerate(fig.axes): assert ax.get_title().startswith(VOCAB[b[1][i]]) # the given batch is the one shown
+
+def test_seeds():
+    dls = named_dls()
+    a, b, c = (shown(CutMix().show_batch(dls, seed=s, max_n=4)) for s in (5, 5, None))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(c, shown(CutMix().show_batch(dls, max_n=4))) # a new batch each call
+
+@pytest.mark.parametrize('shape,lines', [((10,), 1), ((2, 30), 2), ((3, 8, 8), None), ((1, 4, 6, 6), None)], ids=['features', 'signal', 'image', 'volume'])
+@pytest.mark.parametrize('mixer', MIXERS)
+def test_every_rank(mixer, shape, lines):
+    dls = synth_dls(shape=shape, bs=8)
+    if len(shape) == 1 and mixer is not MixUp:
+        with pytest.raises(ValueError, match='use MixUp'): mixer().show_batch(dls)
+        return
+    fig = mixer().show_batch(dls, max_n=5, seed=0)
+    eq_(len(fig.axes), 5)
+    for ax in fig.axes:
+        if lines: eq_(len(ax.lines), lines) # one line per channel
+        else: eq_((len(ax.images), ax.images[0].get_array().shape[:2]), (1, shape[-2:])) # a volume: one slice
+        assert ax.get_title()
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_batch(dtype):
+    dls = synth_dls(bs=8)
+    x, y = dls.one_batch()
+    fig = CutMix().show_batch(dls, b=(x.to(dtype), y), max_n=4, seed=0)
+    assert all(len(ax.images) == 1 for ax in fig.axes)
+
+def test_multi_label_titles():
+    dls = synth_dls(bs=8, multi_label=True)
+    fig = MixUp().show_batch(dls, max_n=8, seed=0)
+    assert any('%) + ' in ax.get_title() for ax in fig.axes)
+
+def test_grid_and_errors():
+    dls = named_dls()
+    fig = MixUp().show_batch(dls, max_n=6, nrows=1, figsize=(12, 2))
+    eq_([ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes], [(1, 6)] * 6)
+    eq_(tuple(fig.get_size_inches()), (12., 2.))
+    eq_(len(MixUp().show_batch(dls, max_n=100).axes), 8) # no more than the batch
+    with pytest.raises(ValueError, match=r'learn\.cut_mix\.show_batch\(\)'): CutMix().show_batch()
+    for kw, msg in [(dict(max_n=0), 'max_n must be a positive int, got 0'), (dict(max_n=2.5), 'max_n must be'),
+                    (dict(nrows=0), 'nrows must be a positive int or None'), (dict(max_n=5, nrows=2, ncols=2), 'no room for 5 samples')]:
+        with pytest.raises(ValueError, match=msg): MixUp().show_batch(dls, **kw)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('mixer', MIXERS)
+def test_cuda(mixer):
+    dls = named_dls().to('cuda')
+    states = torch.get_rng_state(), torch.cuda.get_rng_state()
+    fig = mixer().show_batch(dls, max_n=4)
+    eq_(len(fig.axes), 4)
+    assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], torch.cuda.get_rng_state())
