@@ -11,9 +11,10 @@ from torch import Tensor
 from fastai.layers import NoneReduce
 
 # %% auto #0
-__all__ = ['check_alpha', 'check_share', 'reduce_loss', 'mix_loss', 'beta_sample', 'mixup_lam', 'round_share', 'lerp_mix',
-           'mixup', 'box_share', 'cutmix_box', 'paste_box', 'cutmix', 'check_lam_range', 'check_interpolation',
-           'resize_box', 'paste_resized', 'resizemix']
+__all__ = ['check_alpha', 'check_share', 'reduce_loss', 'mix_loss', 'beta_sample', 'check_minmax', 'is_mask', 'mixup_lam',
+           'round_share', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box', 'minmax_box', 'draw_boxes',
+           'boxes_share', 'boxes_mask', 'paste_boxes', 'resize_into_boxes', 'cutmix', 'check_lam_range',
+           'check_interpolation', 'resize_box', 'paste_resized', 'resizemix']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
 def check_alpha(alpha, name:str='alpha') -> float:
@@ -98,6 +99,49 @@ def _inputs(x, generator, caller:str) -> tuple[list[Tensor], bool, Tensor]:
     _check_generator(generator, ref)
     return xs, single, ref
 
+def check_minmax(minmax) -> tuple|None:
+    "Return `minmax` as a pair of floats, or raise `ValueError` unless it is None or (lo, hi) with 0 <= lo <= hi <= 1"
+    if minmax is None: return None
+    if not isinstance(minmax, Sequence) or len(minmax) != 2: raise ValueError(f"minmax must be None or a pair (lo, hi) of box side fractions, got {minmax!r}")
+    lo, hi = check_share(minmax[0], 'minmax[0]'), check_share(minmax[1], 'minmax[1]')
+    if lo > hi: raise ValueError(f"minmax must have lo <= hi, got {minmax!r}")
+    return lo, hi
+
+def _skip_batch(p:float, generator) -> bool:
+    "Whether a batch mixed with probability `p` is left alone: a host draw, made only when 0 < `p` < 1"
+    return p < 1 and (p == 0 or torch.rand((), generator=generator).item() >= p)
+
+def is_mask(
+    t:Tensor, # A target
+    n:int, # Batch size
+    size:Sequence[int], # Spatial size of the inputs
+) -> bool:
+    "Whether `t` is a mask of the inputs: (N, *size) or (N, C, *size); a float (N, L) is a dense target, not a mask"
+    k = len(size)
+    return (k > 0 and len(t) == n and tuple(t.shape[t.ndim - k:]) == tuple(size) and t.ndim - k in (1, 2)
+            and (t.ndim >= 3 or not t.is_floating_point()))
+
+def _mix_targets(y, n:int, size, perm:Tensor, lam, paste, caller:str):
+    "Mix the targets `y` as the inputs were: masks by `paste` (None: they are blended), dense float targets by `lam`, class indices kept"
+    ys, single = _as_list(y)
+    def f(t):
+        if len(t) != n: raise ValueError(f"{caller}: a target has batch size {len(t)} but the inputs have {n}; targets must have one row per sample")
+        if is_mask(t, n, size):
+            if paste is not None: return paste(t)
+            if not t.is_floating_point(): raise ValueError(f"{caller} blends pixels, so it cannot mix a mask of class indices (shape {tuple(t.shape)}, "
+                                                           f"{t.dtype}): use CutMix or ResizeMix for segmentation")
+        return lerp_mix(t, perm, lam) if t.is_floating_point() else t
+    res = [f(t) for t in ys]
+    return res[0] if single else tuple(res)
+
+def _result(mixed, y, n, size, perm, lam, paste, caller) -> tuple:
+    "(mixed, perm, lam), with `mixed` the pair (inputs, targets) when targets `y` were given"
+    return ((mixed, _mix_targets(y, n, size, perm, lam, paste, caller)) if y is not None else mixed), perm, lam
+
+def _unmixed(x, y, ref:Tensor) -> tuple:
+    "The result for a batch left alone: everything as given, each sample its own partner, all its own share"
+    return ((x, y) if y is not None else x), torch.arange(len(ref), device=ref.device), 1.0
+
 # %% ../nbs/00_core.ipynb #56e0b0d3
 def mixup_lam(
     n:int, # Batch size
@@ -128,14 +172,19 @@ def mixup(
     x:Tensor|Sequence[Tensor], # Batch, or the inputs of a model with several inputs
     alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`)
     generator:torch.Generator|None=None, # Generator on the batch's device
-) -> tuple: # (mixed, perm, lam): lam holds one share per sample, float32
+    p:float=1.0, # Probability that a sample is mixed at all; the others keep a share of 1
+    y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: dense float ones are blended, class indices kept
+) -> tuple: # (mixed, perm, lam): lam holds one share per sample, float32; mixed is (inputs, targets) when `y` is given
     "MixUp: blend each sample with a random partner of the batch, one share >= 0.5 per sample"
-    alpha = check_alpha(alpha)
+    alpha, p = check_alpha(alpha), check_share(p, 'p')
     xs, single, ref = _inputs(x, generator, 'mixup')
+    if p == 0: return _unmixed(x, y, ref)
     lam = mixup_lam(len(ref), alpha, ref.device, generator)
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
+    if p < 1: lam = torch.where(torch.rand(len(ref), device=ref.device, generator=generator) < p, lam, 1.)
     lam = round_share(lam, xs)
-    return _map_floats(xs, lambda o: lerp_mix(o, perm, lam), single), perm, lam
+    mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam), single)
+    return _result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp')
 
 # %% ../nbs/00_core.ipynb #50a5adab
 def _spatial_size(xs:list[Tensor], caller:str) -> tuple[int, ...]:
@@ -174,27 +223,136 @@ def paste_box(
     inplace:bool=False, # Paste into `x` itself instead of a copy
 ) -> Tensor:
     "Paste the `box` of each sample's partner `x[perm]` into it"
-    idx = (slice(None), slice(None), *box)
+    idx = (slice(None),) * (x.ndim - len(box)) + tuple(box) # (N, C, *box), or (N, *box) for a mask
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     out[idx] = x[idx][perm]
     return out
+
+# %% ../nbs/00_core.ipynb #a7c0e111
+def minmax_box(
+    size:Sequence[int], # Spatial size of the input
+    minmax:tuple, # (lo, hi): range of each side, as a fraction of that side
+    generator:torch.Generator|None=None, # CPU generator
+) -> tuple: # One slice per spatial dim
+    "A box whose sides are drawn uniformly in [`lo`, `hi`] times each side, placed uniformly inside: it can reach every border"
+    lo, hi = minmax
+    sides = [min(round(s * (lo + (hi - lo) * torch.rand((), generator=generator).item())), s) for s in size]
+    los = [int(torch.randint(0, s - c + 1, (1,), generator=generator)) for s, c in zip(size, sides)]
+    return tuple(slice(a, a + c) for a, c in zip(los, sides))
+
+# %% ../nbs/00_core.ipynb #a7c0e115
+def draw_boxes(
+    n:int, # Batch size
+    size:Sequence[int], # Spatial size
+    alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the shares
+    lam_range:tuple|None=None, # (lam_min, lam_max) to map the shares into (ResizeMix); None: as drawn (CutMix)
+    minmax:tuple|None=None, # (lo, hi): sides drawn as fractions of the sides instead of from the shares
+    p:float=1.0, # Probability that a sample gets a box at all; the others get an empty one
+    device=None, # Device of the boxes
+    generator:torch.Generator|None=None, # Generator on `device`
+) -> tuple: # (lo, hi): lists of one int64 tensor (n,) per spatial dim
+    "Draw one box per sample: CutMix's (centre uniform, clipped), or fully inside with `lam_range` (ResizeMix) or `minmax`"
+    u = lambda: torch.rand(n, device=device, generator=generator)
+    if minmax is None:
+        lam = beta_sample(alpha, n, device, generator)
+        if lam_range is not None: lam = lam_range[0] + (lam_range[1] - lam_range[0]) * lam
+        r = (1 - lam) ** (1 / len(size))
+    keep = u() < p if p < 1 else None
+    los, his = [], []
+    for s in size:
+        side = (s * (r if minmax is None else minmax[0] + (minmax[1] - minmax[0]) * u())).round().long().clamp(0, s)
+        if keep is not None: side = side * keep
+        if minmax is None and lam_range is None: # CutMix: a uniform centre, the box clipped at the borders
+            lo = (u() * s).long().clamp(max=s - 1) - side // 2
+            lo, hi = lo.clamp(0, s), (lo + side).clamp(0, s)
+        else: # fully inside, any position
+            lo = (u() * (s - side + 1)).long().clamp(max=s - side)
+            hi = lo + side
+        los.append(lo); his.append(hi)
+    return los, his
+
+def boxes_share(lo:list, hi:list, size:Sequence[int]) -> Tensor:
+    "Share of `size` left outside each sample's box, float32 (n,)"
+    area = torch.stack([b - a for a, b in zip(lo, hi)]).prod(0)
+    return 1 - area.float() / math.prod(size)
+
+def boxes_mask(lo:list, hi:list, size:Sequence[int]) -> Tensor:
+    "Boolean (n, *size): True inside each sample's box, built by broadcasting one comparison per spatial dim"
+    k, mask = len(size), None
+    for d, (a, b, s) in enumerate(zip(lo, hi, size)):
+        ar = torch.arange(s, device=a.device)
+        m = ((ar >= a[:, None]) & (ar < b[:, None])).view(len(a), *[s if j == d else 1 for j in range(k)])
+        mask = m if mask is None else mask & m
+    return mask
+
+def _expand(mask:Tensor, t:Tensor, k:int) -> Tensor:
+    "`mask` (n, *size) viewed to broadcast against `t` (n, ..., *size)"
+    return mask.view(len(mask), *[1] * (t.ndim - 1 - k), *mask.shape[1:])
+
+def paste_boxes(
+    x:Tensor, # Batch (n, C, *size), or a mask (n, *size)
+    perm:Tensor, # Partner of each sample
+    mask:Tensor, # Boolean (n, *size), True inside each sample's box
+) -> Tensor:
+    "Each sample with its own box of its partner pasted in, as a new tensor"
+    return torch.where(_expand(mask, x, mask.ndim - 1), x[perm], x)
+
+def resize_into_boxes(
+    x:Tensor, # Batch (n, C, *size) with 1 to 3 spatial dims, or a mask (n, *size)
+    perm:Tensor, # Partner of each sample
+    lo:list, hi:list, # Boxes, as `draw_boxes` returns them
+    interpolation:str='bilinear', # 'bilinear', 'nearest' or 'bicubic' (images only); masks use 'nearest'
+) -> Tensor:
+    "Each sample with its whole partner resized into its own box (one `grid_sample` over the batch), as a new tensor"
+    k, n = len(lo), len(x)
+    size = x.shape[x.ndim - k:]
+    mask_t = x.ndim == k + 1 or not x.is_floating_point()
+    src = x[perm].view(n, -1, *size).float() # grid_sample works in float; (n, C, *size)
+    if k == 1: src, lo, hi, size = src.unsqueeze(2), [torch.zeros_like(lo[0]), *lo], [torch.ones_like(hi[0]), *hi], (1, *size)
+    theta = torch.zeros(n, len(size), len(size) + 1, device=x.device)
+    for d, (a, b, s) in enumerate(zip(lo, hi, size)): # output coordinate u in the box maps to (s/side)*u + (s-2*lo)/side - 1
+        side, row = (b - a).clamp(min=1).float(), len(size) - 1 - d # grid rows go last dim first
+        theta[:, row, row], theta[:, row, -1] = s / side, (s - 2 * a) / side - 1
+    grid = F.affine_grid(theta, src.shape, align_corners=False)
+    mode = 'nearest' if mask_t else interpolation
+    out = F.grid_sample(src, grid, mode=mode, padding_mode='border', align_corners=False).view(x.shape)
+    return torch.where(_expand(boxes_mask(lo[-k:], hi[-k:], size[-k:]), x, k), out.to(x.dtype), x)
+
+def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller):
+    "CutMix (`lam_range` None) or ResizeMix with one share and one box per sample"
+    n = len(ref)
+    if p == 0: return _unmixed(xs[0] if single else tuple(xs), y, ref)
+    lo, hi = draw_boxes(n, size, alpha, lam_range, minmax, p, ref.device, generator)
+    perm = torch.randperm(n, device=ref.device, generator=generator)
+    if lam_range is None:
+        mask = boxes_mask(lo, hi, size)
+        paste = lambda o: paste_boxes(o, perm, mask)
+    else: paste = lambda o: resize_into_boxes(o, perm, lo, hi, interpolation)
+    return _result(_map_floats(xs, paste, single), y, n, size, perm, boxes_share(lo, hi, size), paste, caller)
 
 # %% ../nbs/00_core.ipynb #67fda0a7
 def cutmix(
     x:Tensor|Sequence[Tensor], # Batch with 1 to 3 spatial dims, or the inputs of a model with several inputs
     alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`)
     generator:torch.Generator|None=None, # Generator on the batch's device
-    inplace:bool=False, # Paste into the inputs themselves instead of copies
-) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float
-    "CutMix: paste a box of a random partner into each sample, one box per batch"
-    alpha = check_alpha(alpha)
+    inplace:bool=False, # Paste into the inputs (and masks) themselves instead of copies
+    p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
+    per_sample:bool=False, # One share and one box per sample instead of one per batch
+    minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
+    y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same box, dense float targets are blended
+) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
+    "CutMix: paste a box of a random partner into each sample, one box per batch (or per sample)"
+    alpha, p, minmax = check_alpha(alpha), check_share(p, 'p'), check_minmax(minmax)
     xs, single, ref = _inputs(x, generator, 'cutmix')
     size = _spatial_size(xs, 'CutMix')
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix')
     hg = _host_generator(generator, ref)
-    lam = beta_sample(alpha, 1, generator=hg).item()
+    if _skip_batch(p, hg): return _unmixed(x, y, ref)
+    lam = None if minmax else beta_sample(alpha, 1, generator=hg).item()
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
-    box = cutmix_box(size, lam, hg)
-    return _map_floats(xs, lambda o: paste_box(o, perm, box, inplace), single), perm, box_share(box, size)
+    box = minmax_box(size, minmax, hg) if minmax else cutmix_box(size, lam, hg)
+    paste = lambda o: paste_box(o, perm, box, inplace)
+    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'CutMix')
 
 # %% ../nbs/00_core.ipynb #f834d49a
 _interpolations = ('bilinear', 'nearest', 'nearest-exact', 'area', 'bicubic')
@@ -206,9 +364,12 @@ def check_lam_range(lam_min, lam_max) -> tuple[float, float]:
     if lam_min > lam_max: raise ValueError(f"lam_min must be <= lam_max, got lam_min={lam_min!r} and lam_max={lam_max!r}")
     return lam_min, lam_max
 
-def check_interpolation(mode:str) -> str:
-    "Return `mode`, or raise `ValueError` unless it is a resize mode ResizeMix knows"
-    if mode not in _interpolations: raise ValueError(f"interpolation must be one of {_interpolations}, got {mode!r}")
+_sample_interpolations = ('bilinear', 'nearest', 'bicubic') # what `grid_sample` does, for per-sample boxes
+
+def check_interpolation(mode:str, per_sample:bool=False) -> str:
+    "Return `mode`, or raise `ValueError` unless it is a resize mode ResizeMix knows (fewer with `per_sample`)"
+    modes = _sample_interpolations if per_sample else _interpolations
+    if mode not in modes: raise ValueError(f"interpolation must be one of {modes}{' with per_sample=True' if per_sample else ''}, got {mode!r}")
     return mode
 
 def resize_box(
@@ -233,11 +394,13 @@ def paste_resized(
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     sides = [s.stop - s.start for s in box]
     if 0 in sides: return out
-    mode = _linear_modes[len(sides)] if interpolation == 'bilinear' else interpolation
+    mask = x.ndim == len(sides) + 1 or not x.is_floating_point() # a mask: resized with nearest, as floats
+    mode = 'nearest' if mask else _linear_modes[len(sides)] if interpolation == 'bilinear' else interpolation
     if mode == 'bicubic' and len(sides) != 2: raise ValueError(f"interpolation='bicubic' works on images only, got {len(sides)} spatial dims")
     align = dict(align_corners=False) if mode in ('linear', 'bilinear', 'trilinear', 'bicubic') else {}
-    small = F.interpolate(x, size=sides, mode=mode, **align) # resize all, then permute the small result
-    out[(slice(None), slice(None), *box)] = small[perm]
+    src = x.view(len(x), -1, *x.shape[x.ndim - len(sides):]) if x.ndim == len(sides) + 1 else x
+    small = F.interpolate(src.float() if mask else src, size=sides, mode=mode, **align) # resize all, then permute the small result
+    out[(slice(None),) * (x.ndim - len(sides)) + tuple(box)] = small[perm].to(x.dtype).view(len(x), *x.shape[1:x.ndim - len(sides)], *sides)
     return out
 
 # %% ../nbs/00_core.ipynb #f9d8be33
@@ -248,14 +411,22 @@ def resizemix(
     lam_max:float=0.8, # Largest share left to the original
     interpolation:str='bilinear', # Resize mode
     generator:torch.Generator|None=None, # Generator on the batch's device
-    inplace:bool=False, # Paste into the inputs themselves instead of copies
-) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float
-    "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch"
-    alpha, (lam_min, lam_max), _ = check_alpha(alpha), check_lam_range(lam_min, lam_max), check_interpolation(interpolation)
+    inplace:bool=False, # Paste into the inputs (and masks) themselves instead of copies
+    p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
+    per_sample:bool=False, # One share and one box per sample instead of one per batch
+    minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
+    y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same resized paste (nearest), dense float targets are blended
+) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
+    "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch (or per sample)"
+    alpha, (lam_min, lam_max) = check_alpha(alpha), check_lam_range(lam_min, lam_max)
+    p, minmax, _ = check_share(p, 'p'), check_minmax(minmax), check_interpolation(interpolation, per_sample)
     xs, single, ref = _inputs(x, generator, 'resizemix')
     size = _spatial_size(xs, 'ResizeMix')
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix')
     hg = _host_generator(generator, ref)
-    lam = lam_min + (lam_max - lam_min) * beta_sample(alpha, 1, generator=hg).item()
+    if _skip_batch(p, hg): return _unmixed(x, y, ref)
+    lam = None if minmax else lam_min + (lam_max - lam_min) * beta_sample(alpha, 1, generator=hg).item()
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
-    box = resize_box(size, lam, hg)
-    return _map_floats(xs, lambda o: paste_resized(o, perm, box, interpolation, inplace), single), perm, box_share(box, size)
+    box = minmax_box(size, minmax, hg) if minmax else resize_box(size, lam, hg)
+    paste = lambda o: paste_resized(o, perm, box, interpolation, inplace)
+    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix')
