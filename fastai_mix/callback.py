@@ -7,39 +7,55 @@ from __future__ import annotations
 from collections.abc import Sequence
 import torch
 from torch import Tensor
-from fastai.callback.core import Callback, GatherPredsCallback
+from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler
 from .core import *
 
 # %% auto #0
-__all__ = ['mixes_loss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix']
+__all__ = ['mixes_loss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
-def mixes_loss(loss_func, yb:Sequence[Tensor]) -> bool:
-    "True when the targets are class indices, so the loss is mixed; False when the float targets are mixed"
-    return getattr(loss_func, 'y_int', False) or any(not y.is_floating_point() for y in yb)
+def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
+    "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
+    ref = next(x for x in xb if x.is_floating_point())
+    return any(not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:]) for y in yb)
+
+def _scheduled(learn, name:str):
+    "The value a `ParamScheduler` last set for `mix_<name>` (it sets optimizer hyper-parameters), or None"
+    hypers = getattr(getattr(learn, 'opt', None), 'hypers', None)
+    return hypers[-1].get(f'mix_{name}') if hypers else None
 
 class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
-    order = GatherPredsCallback.order + 10 # after every fastai callback: nothing runs between the loss swap and the loss call
+    order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
     _stateattrs = ('perm', 'lam', 'yb1', '_old_lf') # per-batch state: not pickled by `learn.export`
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
+        p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
+        stop_pct:float=1.0, # Stop mixing once this share of training is done (`learn.pct_train`): the rest is clean
     ):
-        self.alpha = check_alpha(alpha)
+        self.alpha, self.p, self.stop_pct = check_alpha(alpha), check_share(p, 'p'), check_share(stop_pct, 'stop_pct')
         self._init_state()
 
     def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
 
-    def mix(self, xb:tuple) -> tuple: # (mixed xb, perm, lam), as `mixup`, `cutmix` and `resizemix` return
-        "Mix the inputs `xb`; subclasses implement this"
-        raise NotImplementedError(f"{type(self).__name__} must implement `mix(xb)`, as MixUp, CutMix and ResizeMix do")
+    def current(self, name:str) -> float:
+        "`alpha` or `p` for this batch: as a `ParamScheduler` on `mix_alpha`/`mix_p` set it, else the mixer's own"
+        v = _scheduled(self.learn, name) if self.learn is not None else None
+        return getattr(self, name) if v is None else (check_alpha if name == 'alpha' else check_share)(v, f'mix_{name}')
+
+    def mix(self, xb:tuple, yb:tuple, inplace:bool=True) -> tuple: # ((mixed xb, mixed yb), perm, lam), as the core's functions with `y`
+        "Mix the inputs `xb` and the targets `yb` to match; subclasses implement this"
+        raise NotImplementedError(f"{type(self).__name__} must implement `mix(xb, yb, inplace)`, as MixUp, CutMix and ResizeMix do")
 
     def before_batch(self):
-        "Mix the inputs, and the float targets or (for class-index targets) keep the partners' targets for the loss"
-        self.learn.xb, self.perm, self.lam = self.mix(self.learn.xb)
-        if mixes_loss(self.learn.loss_func, self.learn.yb): self.yb1 = tuple(y[self.perm] for y in self.learn.yb)
-        else: self.learn.yb = tuple(lerp_mix(y, self.perm, self.lam) if y.is_floating_point() else y for y in self.learn.yb)
+        "Mix the inputs and the dense targets or masks, and (for class-index targets) keep the partners' targets for the loss"
+        if self.learn.pct_train >= self.stop_pct: return
+        yb = self.learn.yb
+        (self.learn.xb, self.learn.yb), self.perm, self.lam = self.mix(self.learn.xb, yb)
+        if not (isinstance(self.lam, float) and self.lam == 1) and mixes_loss(yb, self.learn.xb): # a batch left alone keeps its loss
+            self.yb1 = tuple(y[self.perm] for y in yb)
 
     def after_pred(self):
         "Swap in the mixed loss for this batch's loss call"
@@ -64,7 +80,8 @@ class MixHandler(Callback):
     def before_train(self):
         others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler) and cb is not self]
         if others: raise ValueError(f"One mixing callback per learner: {type(self).__name__} found {', '.join(others)} on the learner too. "
-                                    "Remove one (learn.remove_cb) or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
+                                    f"To pick one of them at random for each batch, use MixChoice([{type(self).__name__}(), {others[0]}()]); "
+                                    "or remove one (learn.remove_cb), or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
     def after_fit(self): self._reset()
 
 # %% ../nbs/01_callback.ipynb #78091ed5
@@ -72,16 +89,25 @@ class MixUp(MixHandler):
     "MixUp (Zhang et al. 2018, https://arxiv.org/abs/1710.09412): blend each sample with a random partner"
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares
-    ): super().__init__(alpha)
-    def mix(self, xb): return mixup(xb, self.alpha)
+        p:float=1.0, # Probability that a sample is mixed at all
+        stop_pct:float=1.0, # Stop mixing once this share of training is done
+    ): super().__init__(alpha, p, stop_pct)
+    def mix(self, xb, yb, inplace=True): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb)
 
 # %% ../nbs/01_callback.ipynb #9c017985
 class CutMix(MixHandler):
     "CutMix (Yun et al. 2019, https://arxiv.org/abs/1905.04899): paste a box of a random partner into each sample"
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the box's share
-    ): super().__init__(alpha)
-    def mix(self, xb): return cutmix(xb, self.alpha, inplace=True)
+        p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
+        per_sample:bool=False, # One share and one box per sample instead of one per batch
+        minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
+        stop_pct:float=1.0, # Stop mixing once this share of training is done
+    ):
+        super().__init__(alpha, p, stop_pct)
+        self.per_sample, self.minmax = bool(per_sample), check_minmax(minmax)
+    def mix(self, xb, yb, inplace=True):
+        return cutmix(xb, self.current('alpha'), inplace=inplace, p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb)
 
 # %% ../nbs/01_callback.ipynb #73e5ded0
 class ResizeMix(MixHandler):
@@ -90,8 +116,57 @@ class ResizeMix(MixHandler):
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`), mapped into [`lam_min`, `lam_max`]
         lam_min:float=0.1, # Smallest share left to the original
         lam_max:float=0.8, # Largest share left to the original
-        interpolation:str='bilinear', # Resize mode: 'bilinear', 'nearest', 'nearest-exact', 'area' or 'bicubic'
+        interpolation:str='bilinear', # Resize mode: 'bilinear', 'nearest', 'nearest-exact', 'area' or 'bicubic' ('bilinear', 'nearest' or 'bicubic' per sample)
+        p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
+        per_sample:bool=False, # One share and one box per sample instead of one per batch
+        minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
+        stop_pct:float=1.0, # Stop mixing once this share of training is done
     ):
-        super().__init__(alpha)
-        (self.lam_min, self.lam_max), self.interpolation = check_lam_range(lam_min, lam_max), check_interpolation(interpolation)
-    def mix(self, xb): return resizemix(xb, self.alpha, self.lam_min, self.lam_max, self.interpolation, inplace=True)
+        super().__init__(alpha, p, stop_pct)
+        (self.lam_min, self.lam_max), self.per_sample, self.minmax = check_lam_range(lam_min, lam_max), bool(per_sample), check_minmax(minmax)
+        self.interpolation = check_interpolation(interpolation, self.per_sample)
+    def mix(self, xb, yb, inplace=True):
+        return resizemix(xb, self.current('alpha'), self.lam_min, self.lam_max, self.interpolation, inplace=inplace,
+                         p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb)
+
+# %% ../nbs/01_callback.ipynb #b1c0e002
+def _select(sel:Tensor, a, b):
+    "Per sample, `a` where `sel` else `b`, through tuples; tensors that are the same object are kept"
+    if isinstance(a, tuple): return tuple(_select(sel, o, q) for o, q in zip(a, b))
+    if a is b: return a
+    if not isinstance(a, Tensor): a = torch.full((len(sel),), float(a), device=sel.device)
+    if not isinstance(b, Tensor): b = torch.full((len(sel),), float(b), device=sel.device)
+    return torch.where(sel.view(len(sel), *[1] * (a.ndim - 1)), a, b)
+
+class MixChoice(MixHandler):
+    "Mix each batch (or each sample) with one of several mixers, picked at random"
+    def __init__(self,
+        mixers:Sequence[MixHandler], # Mixer instances to pick from, e.g. `[MixUp(), CutMix()]`
+        weights:Sequence[float]|None=None, # Relative chance of each mixer; equal when None
+        per_sample:bool=False, # Pick per sample instead of per batch
+        p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
+        stop_pct:float=1.0, # Stop mixing once this share of training is done
+    ):
+        super().__init__(1.0, p, stop_pct)
+        self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
+        bad = [m for m in self.mixers if not isinstance(m, MixHandler)]
+        if not self.mixers or bad: raise TypeError(f"mixers must be a non-empty list of mixer instances such as [MixUp(), CutMix()], got {mixers!r}")
+        w = [1.] * len(self.mixers) if weights is None else list(weights)
+        if len(w) != len(self.mixers) or any(not isinstance(o, (int, float)) or not 0 <= o < float('inf') for o in w) or sum(w) <= 0:
+            raise ValueError(f"weights must be {len(self.mixers)} finite numbers >= 0, not all 0, one per mixer; got {weights!r}")
+        self.weights, self.per_sample = [o / sum(w) for o in w], bool(per_sample)
+
+    def mix(self, xb, yb, inplace=True):
+        "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
+        p = self.current('p')
+        chances = torch.tensor([1 - p] + [p * w for w in self.weights]) # 0: left alone
+        if not self.per_sample:
+            k = int(torch.multinomial(chances, 1)) # a host draw
+            if k == 0: return (xb, yb), torch.arange(len(xb[0]), device=xb[0].device), 1.0
+            return self.mixers[k - 1].mix(xb, yb, inplace)
+        ref = next(o for o in xb if o.is_floating_point())
+        pick = torch.multinomial(chances.to(ref.device), len(ref), replacement=True)
+        res = ((xb, yb), torch.arange(len(ref), device=ref.device), 1.0)
+        for k, m in enumerate(self.mixers, 1):
+            if self.weights[k - 1] > 0 and p > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
+        return res

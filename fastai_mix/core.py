@@ -14,7 +14,7 @@ from fastai.layers import NoneReduce
 __all__ = ['check_alpha', 'check_share', 'reduce_loss', 'mix_loss', 'beta_sample', 'check_minmax', 'is_mask', 'mixup_lam',
            'round_share', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box', 'minmax_box', 'draw_boxes',
            'boxes_share', 'boxes_mask', 'paste_boxes', 'resize_into_boxes', 'cutmix', 'check_lam_range',
-           'check_interpolation', 'resize_box', 'paste_resized', 'resizemix']
+           'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
 def check_alpha(alpha, name:str='alpha') -> float:
@@ -430,3 +430,21 @@ def resizemix(
     box = minmax_box(size, minmax, hg) if minmax else resize_box(size, lam, hg)
     paste = lambda o: paste_resized(o, perm, box, interpolation, inplace)
     return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix')
+
+# %% ../nbs/00_core.ipynb #e4f0c002
+class MixCollate:
+    "A `collate_fn` for a plain PyTorch `DataLoader`: collate the samples, then mix the batch (in the loader's workers)"
+    def __init__(self,
+        mix=None, # `mixup`, `cutmix` (the default) or `resizemix`, or a `functools.partial` of one
+        num_classes:int|None=None, # Turn class indices into one-hot float targets first, so they are blended
+        collate_fn=None, # Collates a list of samples into `(x, y)`; PyTorch's `default_collate` when None
+        **kwargs, # Passed to `mix`, e.g. `alpha=1.`, `per_sample=True`, `p=.5`
+    ):
+        from torch.utils.data import default_collate
+        self.mix, self.num_classes, self.collate_fn, self.kwargs = mix or cutmix, num_classes, collate_fn or default_collate, kwargs
+
+    def __call__(self, samples) -> tuple: # (x, mixed y) for dense targets and masks; (x, y, y[perm], lam) for class indices
+        x, y = self.collate_fn(samples)
+        if self.num_classes is not None and not y.is_floating_point() and y.ndim == 1: y = F.one_hot(y, self.num_classes).float()
+        (x, ym), perm, lam = self.mix(x, y=y, **self.kwargs)
+        return (x, ym) if ym is not y or y.is_floating_point() else (x, y, y[perm], lam)

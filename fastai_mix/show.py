@@ -13,10 +13,11 @@ from fastcore.foundation import L
 from fastai.torch_core import no_random, retain_type, show_image, to_device
 from fastai.data.core import DataLoaders
 import matplotlib.pyplot as plt
+from .core import is_mask
 from .callback import MixHandler
 
 # %% auto #0
-__all__ = ['label_str', 'mix_title', 'untouched', 'show_input']
+__all__ = ['label_str', 'mix_title', 'untouched', 'show_input', 'show_mask']
 
 # %% ../nbs/03_show.ipynb #c714fbf0
 def label_str(
@@ -72,6 +73,13 @@ def show_input(
     if x.is_floating_point(): x = x.float() # matplotlib draws no fp16/bf16
     return x.show(ctx=ax, **kwargs) if hasattr(x, 'show') else show_image(x, ax=ax, **kwargs)
 
+def show_mask(m:Tensor, ax):
+    "Draw a decoded mask over what `ax` shows: as fastai shows a `TensorMask`, or half transparent"
+    if hasattr(m, 'show'): return m.show(ctx=ax)
+    m = m.detach().cpu()
+    if m.ndim == 3: m = m[0] if len(m) == 1 else m.argmax(0) # one channel, or one-hot classes
+    ax.imshow(m.numpy(), alpha=.5, cmap='tab20', interpolation='nearest')
+
 def _check_count(v, name:str, none_ok:bool=True):
     if (v is None and none_ok) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1): return v
     raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
@@ -99,11 +107,13 @@ def show_batch(self:MixHandler,
     dl = _train_dl(self, dls)
     with untouched(dl, seed):
         b = dl.one_batch() if b is None else to_device(b, dl.device)
-        xb, yb = b[:dl.n_inp], b[dl.n_inp:]
-        xm, perm, lam = self.mix(tuple(x.clone() for x in xb)) # the mixers may paste in place
-        xm = tuple(retain_type(m, x) for m, x in zip(xm, xb)) # the fastai types the decoding dispatches on
-        n = min(max_n, len(xb[0]))
-        own, other = (dl.decode_batch((*xm, *ys), max_n=n) for ys in (yb, tuple(y[perm] for y in yb)))
+        xb, yb = tuple(b[:dl.n_inp]), tuple(b[dl.n_inp:])
+        (xm, ym), perm, lam = self.mix(xb, yb, inplace=False)
+        xm, ym = (tuple(retain_type(m, o) for m, o in zip(ms, os)) for ms, os in ((xm, xb), (ym, yb))) # the types decoding dispatches on
+        n, ref = min(max_n, len(xb[0])), next(o for o in xb if o.is_floating_point())
+        masks = [is_mask(y, len(ref), ref.shape[2:]) for y in yb] # segmentation masks: shown mixed, over the input
+        own = dl.decode_batch((*xm, *(m if mk else y for y, m, mk in zip(yb, ym, masks))), max_n=n)
+        other = dl.decode_batch((*xm, *(y[perm] for y in yb)), max_n=n)
         pcts = (torch.as_tensor(lam, dtype=torch.float64).cpu().expand(len(perm)) * 100).round().int()
         pcts[perm.cpu() == torch.arange(len(perm))] = 100 # a sample mixed with itself is all itself
     nrows = nrows or (math.ceil(n / ncols) if ncols else int(math.sqrt(n)))
@@ -113,7 +123,10 @@ def show_batch(self:MixHandler,
     for i, (s, s1) in enumerate(zip(own, other)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         show_input(s[0], ax, **kwargs)
-        ys, ys1 = s[dl.n_inp:], s1[dl.n_inp:]
-        ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), int(pcts[i])))
+        for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax)
+        ys, ys1 = ([t for t, mk in zip(o[dl.n_inp:], masks) if not mk] for o in (s, s1))
+        pct = int(pcts[i])
+        if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct))
+        elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
     fig.tight_layout()
     return fig

@@ -14,7 +14,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['synth_dls', 'synth_learner', 'blend_shares', 'paste_shares', 'MixSpy']
+__all__ = ['synth_dls', 'synth_learner', 'synth_seg_learner', 'blend_shares', 'paste_shares', 'MixSpy']
 
 # %% ../nbs/09_test_utils.ipynb #7f67edcc
 def synth_dls(
@@ -44,6 +44,23 @@ def synth_learner(
     dls = synth_dls(shape=shape, c=c, **kwargs)
     model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), c))
     return Learner(dls, model, loss_func=CrossEntropyLossFlat() if loss_func is None else loss_func, cbs=cbs)
+
+# %% ../nbs/09_test_utils.ipynb #c2d0e001
+def synth_seg_learner(
+    cbs=None, # Callbacks for the `Learner`
+    n:int=32, # Number of samples
+    bs:int=8, # Batch size
+    size:tuple=(8, 8), # Spatial size of the images and their masks
+    c:int=3, # Number of classes
+    seed:int=0, # Seed of the data
+) -> Learner:
+    "A per-pixel linear classifier of random images whose mask (class indices, (N, *size)) is read from the first channel"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, *size, generator=g)
+    m = (x[:, 0] * c).long().clamp(max=c - 1)
+    dsets = Datasets(list(zip(x, m)), tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n)), list(range(n))])
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(size) - 1]
+    return Learner(dsets.dataloaders(bs=bs), conv(3, c, 1), loss_func=CrossEntropyLossFlat(axis=1), cbs=cbs)
 
 # %% ../nbs/09_test_utils.ipynb #3ab8bdce
 def blend_shares(x:Tensor, xm:Tensor, perm:Tensor) -> Tensor:

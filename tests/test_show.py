@@ -42,7 +42,7 @@ def test_draws_the_decoded_mixed_batch_titled_with_pixel_shares(mixer):
     dl = dls.train
     with untouched(dl, 3): # the same draws again, to know the originals and the partners
         x, y = dl.one_batch()
-        _, perm, _ = mixer.mix((x.clone(),))
+        _, perm, _ = mixer.mix((x,), (y,), inplace=False)
     x = dl.decode((x,))[0] # denormalised, as shown
     xm = shown(fig)
     assert xm.min() >= 0 and xm.max() <= 1 # denormalised: the random images were in [0, 1]
