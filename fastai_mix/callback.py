@@ -10,6 +10,7 @@ from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from .core import *
+from .core import _unmixed
 
 # %% auto #0
 __all__ = ['mixes_loss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
@@ -158,15 +159,13 @@ class MixChoice(MixHandler):
 
     def mix(self, xb, yb, inplace=True):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
-        p = self.current('p')
+        p, ref = self.current('p'), next(o for o in xb if o.is_floating_point())
         chances = torch.tensor([1 - p] + [p * w for w in self.weights]) # 0: left alone
         if not self.per_sample:
             k = int(torch.multinomial(chances, 1)) # a host draw
-            if k == 0: return (xb, yb), torch.arange(len(xb[0]), device=xb[0].device), 1.0
-            return self.mixers[k - 1].mix(xb, yb, inplace)
-        ref = next(o for o in xb if o.is_floating_point())
+            return _unmixed(xb, yb, ref) if k == 0 else self.mixers[k - 1].mix(xb, yb, inplace)
         pick = torch.multinomial(chances.to(ref.device), len(ref), replacement=True)
-        res = ((xb, yb), torch.arange(len(ref), device=ref.device), 1.0)
+        res = _unmixed(xb, yb, ref)
         for k, m in enumerate(self.mixers, 1):
             if self.weights[k - 1] > 0 and p > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
         return res
