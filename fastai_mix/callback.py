@@ -56,7 +56,7 @@ class MixHandler(Callback):
         yb = self.learn.yb
         (self.learn.xb, self.learn.yb), self.perm, self.lam = self.mix(self.learn.xb, yb)
         if not (isinstance(self.lam, float) and self.lam == 1) and mixes_loss(yb, self.learn.xb): # a batch left alone keeps its loss
-            self.yb1 = tuple(y[self.perm] for y in yb)
+            self.yb1 = tuple(y.index_select(0, self.perm) for y in yb)
 
     def after_pred(self):
         "Swap in the mixed loss for this batch's loss call"

@@ -104,14 +104,24 @@ def test_two_mixers_point_to_mixchoice():
 @pytest.mark.parametrize('size', [(12,), (8, 8), (4, 6, 6)], ids=['1d', '2d', '3d'])
 def test_masks_pasted_loss_not_mixed(mixer, size):
     spy = MixSpy()
-    learn = synth_seg_learner(cbs=[mixer(), spy], size=size)
+    with no_random(0): learn = synth_seg_learner(cbs=[mixer(), spy], size=size)
     lf = learn.loss_func
-    learn.fit(1, lr=0)
+    with no_random(1): learn.fit(1, lr=0)
     assert learn.loss_func is lf
     for r in spy.records:
         inbox = (r['xm'] != r['x']).any(1)
         assert torch.equal(r['ym'][0][~inbox], r['y'][0][~inbox]) # outside the boxes the mask is the original's
         close_(r['loss'], lf(r['pred'], *r['ym'])) # the plain loss, on the mixed mask
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'nearest', 'area'])
+def test_resized_mask_sampled_where_the_image_is(interpolation):
+    "A mask is resized at the pixel centres its image is: with an integer scale, both read the same source pixels"
+    n, L = 8, 12
+    x = torch.arange(L).float().expand(n, 1, L).contiguous() # each pixel holds its own position
+    (xm, mm), perm, lam = resizemix(x, lam_min=2/3, lam_max=2/3, interpolation=interpolation, y=torch.arange(L).expand(n, L), generator=gen())
+    inbox = xm[:, 0] != x[:, 0]
+    assert inbox.any(1).all() # a box of 12/3 = 4 pixels in every sample
+    eq_(mm[inbox], xm[:, 0][inbox].long())
 
 def test_mask_with_channel_and_float_masks():
     x, m = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16, 1, 8, 8))
