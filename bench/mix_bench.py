@@ -24,7 +24,6 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import fastai, fastai_mix
 from fastai.learner import Learner
 from fastai.callback.core import Callback, TrainEvalCallback
-from fastai.losses import CrossEntropyLossFlat
 import fastai.callback.mixup as fmix
 from fastai_mix import MixUp, CutMix, ResizeMix
 from fastai_mix.test_utils import synth_dls
@@ -40,35 +39,39 @@ class FnMix(Callback):
         x, y = self.f(self.learn.xb[0], self.learn.yb[0])
         self.learn.xb, self.learn.yb = (x,), (y,)
 
-def soft_ce(pred, y): return torch.sum(-y * F.log_softmax(pred, dim=-1), dim=-1).mean() # timm's SoftTargetCrossEntropy
-
 def references() -> dict:
-    "name -> (group, callback factory, loss) for the references that import here"
-    refs = {'fastai MixUp': ('mixup', lambda: fmix.MixUp(), None), 'fastai CutMix': ('cutmix', lambda: fmix.CutMix(), None)}
+    "name -> (group, callback factory) for the references that import here"
+    refs = {'fastai MixUp': ('mixup', lambda: fmix.MixUp()), 'fastai CutMix': ('cutmix', lambda: fmix.CutMix())}
     try:
         from timm.data import Mixup
         def timm(mix, mode):
             a = dict(mixup_alpha=.4, cutmix_alpha=0.) if mix == 'mixup' else dict(mixup_alpha=0., cutmix_alpha=1.)
             return lambda: FnMix(Mixup(**a, mode=mode, label_smoothing=0., num_classes=N_CLASSES))
         for mix, mode in itertools.product(('mixup', 'cutmix'), ('batch', 'elem')):
-            refs[f'timm {mix} {mode}'] = (mix, timm(mix, mode), soft_ce)
+            refs[f'timm {mix} {mode}'] = (mix if mode == 'batch' or mix == 'mixup' else 'cutmix per sample', timm(mix, mode))
     except ImportError as e: print(f'timm not available ({e}): left out', file=sys.stderr)
     try:
         from torchvision.transforms import v2
-        refs['torchvision MixUp'] = ('mixup', lambda: FnMix(v2.MixUp(alpha=.4, num_classes=N_CLASSES)), soft_ce)
-        refs['torchvision CutMix'] = ('cutmix', lambda: FnMix(v2.CutMix(alpha=1., num_classes=N_CLASSES)), soft_ce)
+        refs['torchvision MixUp'] = ('mixup', lambda: FnMix(v2.MixUp(alpha=.4, num_classes=N_CLASSES)))
+        refs['torchvision CutMix'] = ('cutmix', lambda: FnMix(v2.CutMix(alpha=1., num_classes=N_CLASSES)))
     except ImportError as e: print(f'torchvision not available ({e}): left out', file=sys.stderr)
     return refs
 
 OURS = {'fastai_mix MixUp': ('mixup', MixUp), 'fastai_mix CutMix': ('cutmix', CutMix),
-        'fastai_mix CutMix per_sample': ('cutmix', partial(CutMix, per_sample=True)),
+        'fastai_mix CutMix per_sample': ('cutmix per sample', partial(CutMix, per_sample=True)),
         'fastai_mix ResizeMix': ('resizemix', ResizeMix),
-        'fastai_mix ResizeMix per_sample': ('resizemix', partial(ResizeMix, per_sample=True))}
+        'fastai_mix ResizeMix per_sample': ('resizemix per sample', partial(ResizeMix, per_sample=True))}
 
 # ---------------------------------------------------------------- drivers
-def bench_learner(cb, loss_func) -> Learner:
+def ce_loss():
+    "One loss for every method: PyTorch's cross-entropy takes class indices and probabilities; `y_int` tells fastai's MixUp it has class indices"
+    lf = nn.CrossEntropyLoss()
+    lf.y_int = True
+    return lf
+
+def bench_learner(cb) -> Learner:
     "A `Learner` with only `TrainEvalCallback` and `cb`, set up as `fit` leaves it before the first batch"
-    learn = Learner(synth_dls(n=8, bs=4), nn.Linear(1, 1), loss_func=loss_func or CrossEntropyLossFlat(), cbs=cb)
+    learn = Learner(synth_dls(n=8, bs=4), nn.Linear(1, 1), loss_func=ce_loss(), cbs=cb)
     learn.cbs = learn.cbs.filter(lambda o: isinstance(o, TrainEvalCallback) or o is cb)
     learn.n_epoch, learn.n_iter, learn.epoch = 1, 10**9, 0
     learn('before_fit'); learn('before_epoch'); learn('before_train')
@@ -137,9 +140,9 @@ def methods(shape, dtype, device, which=None) -> dict:
     n = shape[0]
     y, pred = torch.randint(0, N_CLASSES, (n,), device=device), torch.randn(n, N_CLASSES, device=device)
     res = {name: (g, f) for name, (g, f) in floors(pool, rng).items()}
-    res['no mixer (events + loss)'] = ('copy', event_step(bench_learner(Callback(), None), pool, y, pred))
-    for name, (g, cls) in OURS.items(): res[name] = (g, event_step(bench_learner(cls(), None), pool, y, pred))
-    for name, (g, mk, lf) in references().items(): res[name] = (g, event_step(bench_learner(mk(), lf), pool, y, pred))
+    res['no mixer (events + loss)'] = ('copy', event_step(bench_learner(Callback()), pool, y, pred))
+    for name, (g, cls) in OURS.items(): res[name] = (g, event_step(bench_learner(cls()), pool, y, pred))
+    for name, (g, mk) in references().items(): res[name] = (g, event_step(bench_learner(mk()), pool, y, pred))
     return {k: v for k, v in res.items() if which is None or k in which or k.startswith('floor')}
 
 # ---------------------------------------------------------------- timing
@@ -156,7 +159,7 @@ def count_syncs(step) -> int:
         torch.cuda.set_sync_debug_mode('warn')
         try: step()
         finally: torch.cuda.set_sync_debug_mode('default')
-    return sum('synchronizing operation' in str(o.message) for o in w)
+    return sum('called a synchronizing' in str(o.message) for o in w)
 
 def run(ms: dict, device, reps, warmup) -> dict:
     "Interleaved medians: name -> dict(wall, gpu, syncs, error) in ms"
@@ -193,7 +196,8 @@ def run(ms: dict, device, reps, warmup) -> dict:
     return res
 
 # ---------------------------------------------------------------- reports
-FLOOR = {'copy': 'floor: copy', 'mixup': 'floor: one lerp pass', 'cutmix': 'floor: one box copy', 'resizemix': 'floor: resize + box copy'}
+FLOOR = {'copy': 'floor: copy', 'mixup': 'floor: one lerp pass', 'cutmix': 'floor: one box copy', 'cutmix per sample': 'floor: one box copy',
+         'resizemix': 'floor: resize + box copy', 'resizemix per sample': 'floor: resize + box copy'}
 
 def fmt(v): return '' if v is None else f'{v:.3f}' if v < 10 else f'{v:.1f}'
 
@@ -205,7 +209,9 @@ def table(res: dict, cuda: bool) -> str:
     rows = [head]
     for g in FLOOR:
         fl = res.get(FLOOR[g], {}).get(key)
-        for name, r in sorted(((n, r) for n, r in res.items() if r['group'] == g),
+        members = [(n, r) for n, r in res.items() if r['group'] == g and not (n.startswith('floor') and n != FLOOR[g])]
+        if g.endswith('per sample'): members = [(n, r) for n, r in members if not n.startswith('floor')]
+        for name, r in sorted(members,
                               key=lambda kv: (not kv[0].startswith('floor'), not kv[0].startswith('fastai_mix'), kv[0])):
             if r['error']: rows.append(f"| {name} | {r['error']} |" + ' |' * (3 if cuda else 1)); continue
             ratio = f"{r[key] / fl:.2f}" if fl and g != 'copy' or name == FLOOR[g] else ''
@@ -242,6 +248,7 @@ def resnet_overhead(device, steps=30, rounds=5) -> str:
     "resnet18 training steps at batch 256 (224 px) with and without each mixer, interleaved blocks: ms per step"
     from torchvision.models import resnet18
     from fastai.callback.fp16 import MixedPrecision
+    torch.backends.cudnn.benchmark = True
     x = torch.randn(256, 3, 224, 224, device=device); y = torch.randint(0, N_CLASSES, (256,), device=device)
     rows = ['| precision | mixer | ms/step | overhead |', '|---|---|---:|---:|']
     for prec in ('float32', 'bf16 (MixedPrecision)'):
@@ -249,7 +256,8 @@ def resnet_overhead(device, steps=30, rounds=5) -> str:
         learns = {}
         for name, mk in (('none', Callback), ('MixUp', MixUp), ('CutMix', CutMix), ('ResizeMix', ResizeMix)):
             cbs = [mk()] + ([MixedPrecision(amp_mode='bf16')] if prec.startswith('bf16') else [])
-            learn = Learner(synth_dls(n=8, bs=4), model, loss_func=CrossEntropyLossFlat(), cbs=cbs)
+            learn = Learner(synth_dls(n=8, bs=4), model, loss_func=ce_loss(), cbs=cbs)
+            learn.cbs = learn.cbs.filter(lambda o: isinstance(o, TrainEvalCallback) or o in cbs) # no progress bar, no recorder
             learn.dls.device = device
             learn.create_opt(); learn.n_epoch, learn.n_iter, learn.epoch = 1, 10**9, 0
             learn('before_fit'); learn('before_epoch'); learn('before_train')

@@ -164,7 +164,8 @@ class MixChoice(MixHandler):
         if not self.per_sample:
             k = int(torch.multinomial(chances, 1)) # a host draw
             return _unmixed(xb, yb, ref) if k == 0 else self.mixers[k - 1].mix(xb, yb, inplace)
-        pick = torch.multinomial(chances.to(ref.device), len(ref), replacement=True)
+        u, pick = torch.rand(len(ref), device=ref.device), torch.zeros(len(ref), dtype=torch.long, device=ref.device)
+        for c in chances.cumsum(0)[:-1].tolist(): pick += u >= c # each sample's pick, drawn on the device (no host-to-device copy)
         res = _unmixed(xb, yb, ref)
         for k, m in enumerate(self.mixers, 1):
             if self.weights[k - 1] > 0 and p > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)

@@ -5,6 +5,7 @@ from pathlib import Path
 from PIL import Image
 from fastcore.test import test_eq as eq_
 from fastai.data.transforms import get_image_files, parent_label
+from fastai.torch_core import defaults
 from fastai_mix.demo import main, run_demo, train_mixer, write_digits, stage_folder, noisy_labels, true_label, MIXERS
 
 NUMS = ('train_loss', 'valid_loss', 'accuracy', 'sec_per_epoch')
@@ -146,8 +147,9 @@ def test_cli_errors(tmp_path, capsys):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-def test_demo_on_gpu(tmp_path):
-    rows = run_demo(epochs=1, n_train=256, size=32, bs=32, out=tmp_path)
+def test_demo_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(defaults, 'use_cuda', None) # fastai's own choice: the GPU (conftest keeps the other tests on the CPU)
+    rows = run_demo(epochs=3, n_train=512, size=32, bs=32, out=tmp_path)
     res = read_results(tmp_path, 4)
     assert res['settings']['device'].startswith('cuda')
-    assert rows[0]['accuracy'] > 0.1
+    assert rows[0]['accuracy'] > 0.7 and all(r['accuracy'] > 0.3 for r in rows), rows # on the CPU, same seed: .86, .81, .61, .53 (chance: .1)
