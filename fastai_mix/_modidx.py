@@ -11,6 +11,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'fastai_mix.callback.MixHandler': ('callback.html#mixhandler', 'fastai_mix/callback.py'),
                                      'fastai_mix.callback.MixHandler.__init__': ( 'callback.html#mixhandler.__init__',
                                                                                   'fastai_mix/callback.py'),
+                                     'fastai_mix.callback.MixHandler.__setattr__': ( 'callback.html#mixhandler.__setattr__',
+                                                                                     'fastai_mix/callback.py'),
                                      'fastai_mix.callback.MixHandler._init_state': ( 'callback.html#mixhandler._init_state',
                                                                                      'fastai_mix/callback.py'),
                                      'fastai_mix.callback.MixHandler._reset': ('callback.html#mixhandler._reset', 'fastai_mix/callback.py'),

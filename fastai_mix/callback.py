@@ -40,6 +40,9 @@ class MixHandler(Callback):
         self._init_state()
 
     def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
+    def __setattr__(self, name, value): # fastai checks each set against the learner's attributes; the per-batch state skips that lookup
+        if name in self._stateattrs: object.__setattr__(self, name, value)
+        else: super().__setattr__(name, value)
 
     def current(self, name:str) -> float:
         "`alpha` or `p` for this batch: as a `ParamScheduler` on `mix_alpha`/`mix_p` set it, else the mixer's own"
