@@ -14,10 +14,10 @@ def free_port():
 
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
-    "Launch 2 ranks once for all the mixers; {name: [rank 0's report, rank 1's report]}"
+    "Launch 2 CPU ranks (GPUs hidden) once for all the mixers; {name: [rank 0's report, rank 1's report]}"
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available(): pytest.skip('torch.distributed with gloo is not available')
     out = tmp_path_factory.mktemp('ddp')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), os.environ.get('PYTHONPATH', '')]))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1', '--master_port', str(free_port()),
            str(WORKER), str(out), ','.join(NAMES)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
