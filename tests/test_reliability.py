@@ -181,10 +181,10 @@ def fails_then_trains(learn, mixer, exc, match):
     with pytest.raises(exc, match=match): learn.fit(1)
     assert_as_found(learn, snap, mixer)
     learn.remove_cbs(learn.cbs.filter(lambda o: isinstance(o, EditTargets)))
-    spy = MixSpy()
+    spy, snap = MixSpy(), snapshot(learn)
     learn.fit(1, 1e-3, cbs=spy)
-    if isinstance(learn.loss_func, CrossEntropyLossFlat): check_mixing(mixer, spy.records)
-    assert learn.loss_func is snap[0] or not isinstance(snap[0], CrossEntropyLossFlat)
+    check_mixing(mixer, spy.records)
+    assert_as_found(learn, snap, mixer)
 
 @pytest.mark.parametrize('mixer', MIXERS)
 def test_target_batch_size_differs(mixer):
@@ -249,9 +249,9 @@ def test_mixer_class_instead_of_instance():
     check_mixing(learn.mix_up, spy.records)
     assert learn.loss_func is lf
     learn = synth_learner(cbs=spy)
-    cbs = list(learn.cbs)
+    lf, cbs = learn.loss_func, list(learn.cbs)
     learn.fit(1, cbs=CutMix) # for one fit
-    assert all(isinstance(r['lam'], float) for r in spy.records) and list(learn.cbs) == cbs and learn.loss_func is not None
+    assert all(isinstance(r['lam'], float) for r in spy.records) and list(learn.cbs) == cbs and learn.loss_func is lf
     with pytest.raises(TypeError, match=r'mixers must be a non-empty list of mixer instances such as \[MixUp\(\), CutMix\(\)\]'): MixChoice([MixUp, CutMix])
 
 def batches_dls(sizes, seed=0):
