@@ -5,6 +5,7 @@
 # %% ../nbs/01_callback.ipynb #f01cb10d
 from __future__ import annotations
 from collections.abc import Sequence
+import inspect
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback
@@ -13,13 +14,30 @@ from .core import *
 from .core import _unmixed
 
 # %% auto #0
-__all__ = ['mixes_loss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
+__all__ = ['mixes_loss', 'check_targets', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
     ref = next(x for x in xb if x.is_floating_point())
     return any(not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:]) for y in yb)
+
+def check_targets(yb:Sequence, caller:str='MixHandler'):
+    "Raise `TypeError` unless `yb` holds targets a mixer can follow: tensors with one row per sample, not complex"
+    if not len(yb): raise TypeError(f"{caller} mixes the targets with the inputs, but the training batch has no targets "
+                                    "(the learner passes every part of the batch to the model: check `dls.n_inp`)")
+    for i, y in enumerate(yb):
+        what = (f"a {type(y).__name__}" if not isinstance(y, Tensor) else "a 0-d tensor (one value for the whole batch)" if y.ndim == 0
+                else f"a {y.dtype} tensor" if y.is_complex() else None)
+        if what: raise TypeError(f"{caller}: target {i} is {what}; targets must be tensors with one row per sample: class indices "
+                                 "(integer; the loss is mixed), dense targets (floating point; they are blended) or masks (pasted)")
+
+def _reduces_none(loss_func) -> bool:
+    "Whether `loss_func` can give one loss per sample: it has a `reduction` attribute or takes a `reduction` argument"
+    if hasattr(loss_func, 'reduction'): return True
+    try: ps = inspect.signature(loss_func).parameters.values()
+    except (TypeError, ValueError): return True # no signature to read: the call will tell
+    return any(o.name == 'reduction' or o.kind == o.VAR_KEYWORD for o in ps)
 
 def _scheduled(learn, name:str):
     "The value a `ParamScheduler` last set for `mix_<name>` (it sets optimizer hyper-parameters), or None"
@@ -30,7 +48,7 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf') # per-batch state: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok') # per-batch state and the last loss checked: not pickled by `learn.export`
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
         p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
@@ -44,6 +62,17 @@ class MixHandler(Callback):
         if name in self._stateattrs: object.__setattr__(self, name, value)
         else: super().__setattr__(name, value)
 
+    def _check_loss(self):
+        "Raise `TypeError` unless the learner's loss can give one loss per sample, as the mixed loss needs (checked once per loss)"
+        lf = self.learn.loss_func
+        if lf is getattr(self, '_lf_ok', None): return
+        if not _reduces_none(lf): raise TypeError(
+            f"{type(self).__name__} mixes the loss for class-index targets: it calls the loss with reduction='none' to get one loss per sample, "
+            f"but {lf!r} has no `reduction` attribute and takes no `reduction` argument. Use a loss that reduces as asked "
+            "(fastai's CrossEntropyLossFlat, nn.CrossEntropyLoss, or a function with a `reduction='mean'` argument), "
+            "or one-hot float targets, which are blended and leave the loss alone.")
+        self._lf_ok = lf
+
     def current(self, name:str) -> float:
         "`alpha` or `p` for this batch: as a `ParamScheduler` on `mix_alpha`/`mix_p` set it, else the mixer's own"
         v = _scheduled(self.learn, name) if self.learn is not None else None
@@ -56,10 +85,14 @@ class MixHandler(Callback):
     def before_batch(self):
         "Mix the inputs and the dense targets or masks, and (for class-index targets) keep the partners' targets for the loss"
         if self.learn.pct_train >= self.stop_pct: return
-        yb = self.learn.yb
-        (self.learn.xb, self.learn.yb), self.perm, self.lam = self.mix(self.learn.xb, yb)
-        if not (isinstance(self.lam, float) and self.lam == 1) and mixes_loss(yb, self.learn.xb): # a batch left alone keeps its loss
-            self.yb1 = tuple(y.index_select(0, self.perm) for y in yb)
+        xb, yb = self.learn.xb, self.learn.yb
+        check_targets(yb, type(self).__name__)
+        if len(yb[0]) == 0: return # an empty batch goes through untouched
+        (xm, ym), perm, lam = self.mix(xb, yb)
+        index = not (isinstance(lam, float) and lam == 1) and mixes_loss(yb, xm) # a batch left alone keeps its loss
+        if index: self._check_loss()
+        (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
+        if index: self.yb1 = tuple(y.index_select(0, perm) for y in yb)
 
     def after_pred(self):
         "Swap in the mixed loss for this batch's loss call"
@@ -69,7 +102,8 @@ class MixHandler(Callback):
         "The original loss against both targets, weighted by the shares; puts the original loss back first"
         loss_func = self._old_lf
         self._restore_loss()
-        return mix_loss(loss_func, pred, yb, self.yb1, self.lam)
+        try: return mix_loss(loss_func, pred, yb, self.yb1, self.lam)
+        except BaseException: self._init_state(); raise # a failed loss call leaves no batch state behind
 
     def _restore_loss(self):
         if self._old_lf is not None: self.learn.loss_func, self._old_lf = self._old_lf, None

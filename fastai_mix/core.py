@@ -56,7 +56,7 @@ def mix_loss(
     with NoneReduce(loss_func) as lf: loss, loss1 = lf(pred, *yb), lf(pred, *yb1)
     loss, loss1 = _plain(loss), _plain(loss1) # fastai's tensor subclasses cost a Python call per op
     if isinstance(lam, Tensor):
-        if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none'; MixUp needs one loss per sample")
+        if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample shares need one loss per sample")
         w = lam.to(loss.dtype).view(len(lam), 1)
         loss = torch.lerp(loss1.reshape(len(lam), -1), loss.reshape(len(lam), -1), w).reshape(loss.shape)
     else: loss = torch.lerp(loss1, loss, lam)
