@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, fastai, timm, torchvision; print('torch', torch.__version__, 'fastai', fastai.__version__, 'timm', timm.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   start=$(date +%s)
-  python3 -m pytest -q -rs -n 8 -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1; echo "pytest rc $? in $(( $(date +%s) - start ))s"
+  python3 -m pytest -q -rs -n 8 -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1; echo "pytest rc $? in $(( $(date +%s) - start ))s"
   tail -25 "$OUT/pytest.log"
 fi
 python3 bench/mix_bench.py --device cuda --resnet ${BENCH_ARGS:-} --out "$OUT/cuda" > "$OUT/bench.log" 2>&1; echo "bench rc $?"

@@ -293,6 +293,7 @@ def test_resizemix_bad_args(kwargs, msg):
 def test_bad_alpha(mixer):
     with pytest.raises(ValueError, match=r"alpha must be a finite number > 0.*got -1"): mixer(alpha=-1)
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('mixer', MIXERS)
 @pytest.mark.parametrize('loss_func', [CrossEntropyLossFlat(), BCEWithLogitsLossFlat()], ids=['index', 'dense'])
