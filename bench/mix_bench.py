@@ -172,7 +172,7 @@ def run(ms: dict, device, reps, warmup) -> dict:
             ok[name] = step
             res[name] = dict(group=g, wall=[], gpu=[], syncs=count_syncs(step) if cuda else None, error=None)
         except Exception as e:
-            res[name] = dict(group=g, wall=[], gpu=[], syncs=None, error=f'{type(e).__name__}: {str(e).splitlines()[0][:120]}')
+            res[name] = dict(group=g, wall=[], gpu=[], syncs=None, error=f"{type(e).__name__}: {' '.join(str(e).split()[-12:])}") # the cause, after fastai's prefix
     if cuda: # a sleep long enough for the CPU to queue a whole batch ahead of the GPU
         cpm = sleep_cycles_per_ms()
         disp = {}
