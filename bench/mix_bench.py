@@ -310,7 +310,7 @@ def main(argv=None):
         raw[f'{shape} {dt}'] = dict(results=res, summary=summary(res, cuda))
         report += [f'\n### {device.type.upper()}, batch {tuple(shape)}, {dt}\n', table(res, cuda), '']
         for s in summary(res, cuda):
-            report.append(f"- {s['mixer']}: {s['floor_ratio']:.2f}x its floor; " + (f"{s['ref_ratio']:.2f}x faster than the fastest reference ({s['best_ref']})" if s['best_ref'] else 'no reference')
+            report.append(f"- {s['mixer']}: {s['floor_ratio']:.2f}x its floor; " + (f"{s['ref_ratio']:.2f}x the speed of the fastest reference ({s['best_ref']})" if s['best_ref'] else 'no reference')
                           + (f"; {s['syncs']} syncs" if cuda else ''))
         print('\n'.join(report[-len(raw[f'{shape} {dt}']['summary']) - 3:]), flush=True)
     if not a.no_scaling: report += [f'\n### Scaling ({device.type.upper()}, float32)\n', scaling(device, max(5, reps // 3), a.warmup)]
