@@ -25,7 +25,7 @@ import fastai, fastai_mix
 from fastai.learner import Learner
 from fastai.callback.core import Callback, TrainEvalCallback
 import fastai.callback.mixup as fmix
-from fastai_mix import MixUp, CutMix, ResizeMix
+from fastai_mix import MixUp, CutMix, ResizeMix, cutmix_box, resize_box
 from fastai_mix.test_utils import synth_dls
 
 N_CLASSES = 10
@@ -91,31 +91,13 @@ def event_step(learn, pool, y, pred):
         learn('after_batch')
     return step
 
-def boxes(size, share, rng, k=64) -> list:
-    "`k` boxes covering a `share()` of `size`, centres uniform, clipped (CutMix) - host slices"
-    out = []
-    for _ in range(k):
-        r = math.sqrt(share())
-        (h, w), (cy, cx) = [round(s * r) for s in size], [rng.randrange(s) for s in size]
-        out.append((slice(max(cy - h // 2, 0), min(cy - h // 2 + h, size[0])), slice(max(cx - w // 2, 0), min(cx - w // 2 + w, size[1]))))
-    return out
-
-def inner_boxes(size, share, rng, k=64) -> list:
-    "`k` boxes of a `share()` of `size`, fully inside (ResizeMix)"
-    out = []
-    for _ in range(k):
-        r = math.sqrt(share())
-        h, w = [max(round(s * r), 1) for s in size]
-        y0, x0 = rng.randrange(size[0] - h + 1), rng.randrange(size[1] - w + 1)
-        out.append((slice(y0, y0 + h), slice(x0, x0 + w)))
-    return out
-
-def floors(pool, rng) -> dict:
+def floors(pool) -> dict:
     "name -> (group, step): the fewest bytes each mix must move, as one op with a ready-made partner batch"
-    n, size, dev = len(pool[0]), pool[0].shape[2:], pool[0].device
+    n, size, dev = len(pool[0]), tuple(pool[0].shape[2:]), pool[0].device
     lam = torch.rand(n, device=dev).clamp(min=.5).to(pool[0].dtype).view(n, 1, 1, 1)
-    cut = boxes(size, lambda: rng.random(), rng) # CutMix, alpha=1: the box share is uniform
-    res = inner_boxes(size, lambda: 1 - (.1 + .7 * rng.random()), rng) # ResizeMix: lam uniform in [.1, .8]
+    g = torch.Generator().manual_seed(0) # 64 boxes of each kind, drawn as the mixers draw them (alpha=1: lam uniform)
+    cut = [cutmix_box(size, torch.rand((), generator=g).item(), g) for _ in range(64)]
+    res = [resize_box(size, .1 + .7 * torch.rand((), generator=g).item(), g) for _ in range(64)] # lam in [.1, .8]
     k, i = len(pool), itertools.count()
     def copy(): return pool[next(i) % k].clone()
     def lerp():
@@ -136,10 +118,10 @@ def make_pool(shape, dtype, device, budget=256 * 2**20) -> list:
 
 def methods(shape, dtype, device, which=None) -> dict:
     "name -> (group, step) for one configuration"
-    pool, rng = make_pool(shape, dtype, device), random.Random(0)
+    pool = make_pool(shape, dtype, device)
     n = shape[0]
     y, pred = torch.randint(0, N_CLASSES, (n,), device=device), torch.randn(n, N_CLASSES, device=device)
-    res = {name: (g, f) for name, (g, f) in floors(pool, rng).items()}
+    res = dict(floors(pool))
     res['no mixer (events + loss)'] = ('copy', event_step(bench_learner(Callback()), pool, y, pred))
     for name, (g, cls) in OURS.items(): res[name] = (g, event_step(bench_learner(cls()), pool, y, pred))
     for name, (g, mk) in references().items(): res[name] = (g, event_step(bench_learner(mk()), pool, y, pred))

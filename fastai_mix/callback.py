@@ -92,7 +92,7 @@ class MixHandler(Callback):
         index = not (isinstance(lam, float) and lam == 1) and mixes_loss(yb, xm) # a batch left alone keeps its loss
         if index: self._check_loss()
         (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
-        if index: self.yb1 = tuple(y.index_select(0, perm) for y in yb)
+        if index: self.yb1 = tuple(gather(y, perm) for y in yb)
 
     def after_pred(self):
         "Swap in the mixed loss for this batch's loss call"

@@ -458,4 +458,4 @@ class MixCollate:
         x, y = self.collate_fn(samples)
         if self.num_classes is not None and not y.is_floating_point() and y.ndim == 1: y = F.one_hot(y, self.num_classes).float()
         (x, ym), perm, lam = self.mix(x, y=y, **self.kwargs)
-        return (x, ym) if ym is not y or y.is_floating_point() else (x, y, y[perm], lam)
+        return (x, ym) if ym is not y or y.is_floating_point() else (x, y, gather(y, perm), lam)
