@@ -5,22 +5,30 @@
 # %% ../nbs/01_callback.ipynb #f01cb10d
 from __future__ import annotations
 from collections.abc import Sequence
-import inspect
+import inspect, numbers
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from .core import *
 from .core import _unmixed
+def check_flag(value, name:str) -> bool: # TEMP until the core's lands
+    if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
 
 # %% auto #0
-__all__ = ['mixes_loss', 'check_targets', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
+__all__ = ['check_flag', 'mixes_loss', 'check_targets', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
+def _is_index(y:Tensor, ref:Tensor) -> bool:
+    "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`), so the loss is mixed for it"
+    return not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
+
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
     ref = next(x for x in xb if x.is_floating_point())
-    return any(not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:]) for y in yb)
+    return any(_is_index(y, ref) for y in yb)
 
 def check_targets(yb:Sequence, caller:str='MixHandler'):
     "Raise `TypeError` unless `yb` holds targets a mixer can follow: tensors with one row per sample, not complex"
@@ -40,15 +48,32 @@ def _reduces_none(loss_func) -> bool:
     return any(o.name == 'reduction' or o.kind == o.VAR_KEYWORD for o in ps)
 
 def _scheduled(learn, name:str):
-    "The value a `ParamScheduler` last set for `mix_<name>` (it sets optimizer hyper-parameters), or None"
+    "The value a `ParamScheduler` of this fit set for `mix_<name>` (it sets optimizer hyper-parameters), or None"
+    key = f'mix_{name}' # the value outlives its fit in `learn.opt` (and in a saved optimizer): it counts only while its scheduler is on the learner
+    if not any(isinstance(cb, ParamScheduler) and key in cb.scheds for cb in learn.cbs): return None
     hypers = getattr(getattr(learn, 'opt', None), 'hypers', None)
-    return hypers[-1].get(f'mix_{name}') if hypers else None
+    return hypers[-1].get(key) if hypers else None
+
+def _loss_itself(loss_func): return loss_func
+
+class MixedLoss:
+    "The learner's `loss_func` from `after_pred` to the batch's loss call: mixes that call, and stands for the original loss otherwise"
+    def __init__(self, mixer, loss_func): object.__setattr__(self, 'mixer', mixer); object.__setattr__(self, 'loss_func', loss_func)
+    def __call__(self, pred, *yb, **kwargs):
+        m = self.mixer
+        if m._old_lf is self.loss_func and not kwargs and pred is getattr(m.learn, 'pred', None): return m.mixed_loss(pred, *yb) # the batch's loss call
+        return self.loss_func(pred, *yb, **kwargs) # any other call (this was left behind by an exception before the loss call): the original loss
+    def __getattr__(self, name): return getattr(self.loss_func, name) # `reduction`, `activation`, `decodes`...
+    def __setattr__(self, name, value): setattr(self.loss_func, name, value) # fastai's `NoneReduce` sets `reduction`
+    def __reduce__(self): return _loss_itself, (self.loss_func,) # `learn.export` and pickling store the original loss
+    def __repr__(self): return f"MixedLoss({self.loss_func!r})"
 
 class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
     _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok') # per-batch state and the last loss checked: not pickled by `learn.export`
+    _choice = None # the `MixChoice` that holds this mixer, if any
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
         p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
@@ -60,43 +85,56 @@ class MixHandler(Callback):
     def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
     def __setattr__(self, name, value): # fastai checks each set against the learner's attributes; the per-batch state skips that lookup
         if name in self._stateattrs: object.__setattr__(self, name, value)
-        else: super().__setattr__(name, value)
+        else:
+            if name == 'learn' and value is None and getattr(self, 'learn', None) is not None: self._reset() # removed from the learner (the end of a fit it was given to, however it ended)
+            super().__setattr__(name, value)
 
     def _check_loss(self):
-        "Raise `TypeError` unless the learner's loss can give one loss per sample, as the mixed loss needs (checked once per loss)"
+        "Raise `TypeError` unless the learner's loss can give one loss per sample, as per-sample shares need (checked once per loss)"
         lf = self.learn.loss_func
         if lf is getattr(self, '_lf_ok', None): return
         if not _reduces_none(lf): raise TypeError(
-            f"{type(self).__name__} mixes the loss for class-index targets: it calls the loss with reduction='none' to get one loss per sample, "
+            f"{type(self).__name__} mixes the loss for class-index targets with one share per sample: it calls the loss with reduction='none' to get one loss per sample, "
             f"but {lf!r} has no `reduction` attribute and takes no `reduction` argument. Use a loss that reduces as asked "
             "(fastai's CrossEntropyLossFlat, nn.CrossEntropyLoss, or a function with a `reduction='mean'` argument), "
             "or one-hot float targets, which are blended and leave the loss alone.")
         self._lf_ok = lf
 
+    def _sched_learn(self, name:str):
+        "The learner whose `ParamScheduler` may set `mix_<name>`: this mixer's, or for `alpha` that of the `MixChoice` that holds it"
+        if self.learn is not None: return self.learn
+        choice = getattr(self, '_choice', None)
+        return choice.learn if choice is not None and name == 'alpha' else None
+
     def current(self, name:str) -> float:
-        "`alpha` or `p` for this batch: as a `ParamScheduler` on `mix_alpha`/`mix_p` set it, else the mixer's own"
-        v = _scheduled(self.learn, name) if self.learn is not None else None
+        "`alpha` or `p` for this batch: as a `ParamScheduler` of this fit sets `mix_alpha`/`mix_p`, else the mixer's own"
+        learn = self._sched_learn(name)
+        v = _scheduled(learn, name) if learn is not None else None
         return getattr(self, name) if v is None else (check_alpha if name == 'alpha' else check_share)(v, f'mix_{name}')
 
-    def mix(self, xb:tuple, yb:tuple, inplace:bool=True) -> tuple: # ((mixed xb, mixed yb), perm, lam), as the core's functions with `y`
-        "Mix the inputs `xb` and the targets `yb` to match; subclasses implement this"
-        raise NotImplementedError(f"{type(self).__name__} must implement `mix(xb, yb, inplace)`, as MixUp, CutMix and ResizeMix do")
+    def mix(self, xb:tuple, yb:tuple, inplace:bool|None=None) -> tuple: # ((mixed xb, mixed yb), perm, lam), as the core's functions with `y`
+        "Mix the inputs `xb` and the targets `yb` to match (`inplace`: may write into `xb`/`yb`; None: the mixer's own setting); subclasses implement this"
+        raise NotImplementedError(f"{type(self).__name__} must implement `mix(xb, yb, inplace=None)`, as MixUp, CutMix and ResizeMix do")
 
     def before_batch(self):
         "Mix the inputs and the dense targets or masks, and (for class-index targets) keep the partners' targets for the loss"
-        if self.learn.pct_train >= self.stop_pct: return
+        if self.learn.pct_train >= self.stop_pct or self.current('p') == 0: return # no draw at all: trains as without the mixer
         xb, yb = self.learn.xb, self.learn.yb
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
         (xm, ym), perm, lam = self.mix(xb, yb)
-        index = not (isinstance(lam, float) and lam == 1) and mixes_loss(yb, xm) # a batch left alone keeps its loss
-        if index: self._check_loss()
+        ref = next(o for o in xm if o.is_floating_point())
+        index = [_is_index(y, ref) for y in yb]
+        mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
+        if mixed and isinstance(lam, Tensor): self._check_loss()
         (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
-        if index: self.yb1 = tuple(gather(y, perm) for y in yb)
+        if mixed: self.yb1 = tuple(gather(y, perm) if i else m for y, m, i in zip(yb, ym, index)) # mixed targets go as they are into both calls
 
     def after_pred(self):
         "Swap in the mixed loss for this batch's loss call"
-        if self.yb1 is not None and self._old_lf is None: self._old_lf, self.learn.loss_func = self.learn.loss_func, self.mixed_loss
+        if self.yb1 is not None and self._old_lf is None:
+            self._old_lf = lf = self.learn.loss_func
+            self.learn.loss_func = MixedLoss(self, lf)
 
     def mixed_loss(self, pred, *yb):
         "The original loss against both targets, weighted by the shares; puts the original loss back first"
@@ -106,7 +144,10 @@ class MixHandler(Callback):
         except BaseException: self._init_state(); raise # a failed loss call leaves no batch state behind
 
     def _restore_loss(self):
-        if self._old_lf is not None: self.learn.loss_func, self._old_lf = self._old_lf, None
+        if self._old_lf is not None:
+            lf = self.learn.loss_func
+            if isinstance(lf, MixedLoss) and lf.mixer is self: self.learn.loss_func = self._old_lf
+            self._old_lf = None
 
     def _reset(self):
         self._restore_loss()
@@ -122,6 +163,7 @@ class MixHandler(Callback):
                                     "or remove one (learn.remove_cb), or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
     def after_fit(self): self._reset()
 
+
 # %% ../nbs/01_callback.ipynb #78091ed5
 class MixUp(MixHandler):
     "MixUp (Zhang et al. 2018, https://arxiv.org/abs/1710.09412): blend each sample with a random partner"
@@ -130,7 +172,7 @@ class MixUp(MixHandler):
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
     ): super().__init__(alpha, p, stop_pct)
-    def mix(self, xb, yb, inplace=True): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb)
+    def mix(self, xb, yb, inplace=None): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb)
 
 # %% ../nbs/01_callback.ipynb #9c017985
 class CutMix(MixHandler):
@@ -141,11 +183,14 @@ class CutMix(MixHandler):
         per_sample:bool=False, # One share and one box per sample instead of one per batch
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see below)
     ):
         super().__init__(alpha, p, stop_pct)
-        self.per_sample, self.minmax = bool(per_sample), check_minmax(minmax)
-    def mix(self, xb, yb, inplace=True):
-        return cutmix(xb, self.current('alpha'), inplace=inplace, p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb)
+        self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
+    def mix(self, xb, yb, inplace=None):
+        return cutmix(xb, self.current('alpha'), inplace=self.inplace if inplace is None else inplace, p=self.current('p'),
+                      per_sample=self.per_sample, minmax=self.minmax, y=yb)
+
 
 # %% ../nbs/01_callback.ipynb #73e5ded0
 class ResizeMix(MixHandler):
@@ -159,13 +204,16 @@ class ResizeMix(MixHandler):
         per_sample:bool=False, # One share and one box per sample instead of one per batch
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
     ):
         super().__init__(alpha, p, stop_pct)
-        (self.lam_min, self.lam_max), self.per_sample, self.minmax = check_lam_range(lam_min, lam_max), bool(per_sample), check_minmax(minmax)
+        (self.lam_min, self.lam_max), self.minmax = check_lam_range(lam_min, lam_max), check_minmax(minmax)
+        self.per_sample, self.inplace = check_flag(per_sample, 'per_sample'), check_flag(inplace, 'inplace')
         self.interpolation = check_interpolation(interpolation, self.per_sample)
-    def mix(self, xb, yb, inplace=True):
-        return resizemix(xb, self.current('alpha'), self.lam_min, self.lam_max, self.interpolation, inplace=inplace,
+    def mix(self, xb, yb, inplace=None):
+        return resizemix(xb, self.current('alpha'), self.lam_min, self.lam_max, self.interpolation, inplace=self.inplace if inplace is None else inplace,
                          p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb)
+
 
 # %% ../nbs/01_callback.ipynb #b1c0e002
 def _select(sel:Tensor, a, b):
@@ -176,8 +224,16 @@ def _select(sel:Tensor, a, b):
     if not isinstance(b, Tensor): b = torch.full((len(sel),), float(b), device=sel.device)
     return torch.where(sel.view(len(sel), *[1] * (a.ndim - 1)), a, b)
 
+def _weight(w) -> float|None:
+    "`w` as a float when it is a finite real number >= 0 (Python, numpy or a one-element tensor), else None"
+    if isinstance(w, Tensor) and w.numel() == 1 and not w.is_complex() and w.dtype != torch.bool: w = w.item()
+    if isinstance(w, bool) or not isinstance(w, numbers.Real): return None
+    w = float(w)
+    return w if 0 <= w < float('inf') else None
+
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
+    _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
     def __init__(self,
         mixers:Sequence[MixHandler], # Mixer instances to pick from, e.g. `[MixUp(), CutMix()]`
         weights:Sequence[float]|None=None, # Relative chance of each mixer; equal when None
@@ -187,23 +243,37 @@ class MixChoice(MixHandler):
     ):
         super().__init__(1.0, p, stop_pct)
         self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
-        bad = [m for m in self.mixers if not isinstance(m, MixHandler)]
+        bad = [m for m in self.mixers if not isinstance(m, MixHandler) or isinstance(m, MixChoice)]
         if not self.mixers or bad: raise TypeError(f"mixers must be a non-empty list of mixer instances such as [MixUp(), CutMix()], got {mixers!r}")
-        w = [1.] * len(self.mixers) if weights is None else list(weights)
-        if len(w) != len(self.mixers) or any(not isinstance(o, (int, float)) or not 0 <= o < float('inf') for o in w) or sum(w) <= 0:
+        w = [1.] * len(self.mixers) if weights is None else [_weight(o) for o in weights]
+        if len(w) != len(self.mixers) or None in w or sum(w) <= 0:
             raise ValueError(f"weights must be {len(self.mixers)} finite numbers >= 0, not all 0, one per mixer; got {weights!r}")
-        self.weights, self.per_sample = [o / sum(w) for o in w], bool(per_sample)
+        self.weights, self.per_sample = [o / sum(w) for o in w], check_flag(per_sample, 'per_sample')
+        for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
 
-    def mix(self, xb, yb, inplace=True):
+    def before_batch(self):
+        self._pct = self.learn.pct_train # the mixers whose own `stop_pct` has passed are no longer picked
+        super().before_batch()
+    def after_batch(self): self._pct = None; super().after_batch()
+    def before_fit(self): self._pct = None; super().before_fit()
+
+    def _chances(self) -> list[float]:
+        "Chance of each pick: left alone, then each mixer (0 for one past its own `stop_pct`)"
+        p, pct = self.current('p'), self._pct
+        live = [w if pct is None or pct < m.stop_pct else 0. for m, w in zip(self.mixers, self.weights)]
+        return [1 - p * sum(live)] + [p * w for w in live]
+
+    def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
-        p, ref = self.current('p'), next(o for o in xb if o.is_floating_point())
-        chances = torch.tensor([1 - p] + [p * w for w in self.weights]) # 0: left alone
+        chances, ref = self._chances(), next(o for o in xb if o.is_floating_point())
+        if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:
-            k = int(torch.multinomial(chances, 1)) # a host draw
+            k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw
             return _unmixed(xb, yb, ref) if k == 0 else self.mixers[k - 1].mix(xb, yb, inplace)
         u, pick = torch.rand(len(ref), device=ref.device), torch.zeros(len(ref), dtype=torch.long, device=ref.device)
-        for c in chances.cumsum(0)[:-1].tolist(): pick += u >= c # each sample's pick, drawn on the device (no host-to-device copy)
+        for c in torch.tensor(chances).cumsum(0)[:-1].tolist(): pick += u >= c # each sample's pick, drawn on the device (no host-to-device copy)
         res = _unmixed(xb, yb, ref)
         for k, m in enumerate(self.mixers, 1):
-            if self.weights[k - 1] > 0 and p > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
+            if chances[k] > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
         return res
+

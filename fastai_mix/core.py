@@ -4,17 +4,19 @@
 
 # %% ../nbs/00_core.ipynb #f0433250
 from __future__ import annotations
-import math, numbers
+import math, numbers, inspect
+from functools import partial
 from collections.abc import Sequence
-import torch, torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from fastai.layers import NoneReduce
+from fastai.losses import BaseLoss
 
 # %% auto #0
-__all__ = ['check_alpha', 'check_share', 'reduce_loss', 'mix_loss', 'beta_sample', 'check_minmax', 'is_mask', 'mixup_lam',
-           'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box', 'minmax_box',
-           'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes', 'resize_into_boxes', 'cutmix', 'check_lam_range',
-           'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
+__all__ = ['check_alpha', 'check_share', 'reduce_loss', 'loss_reduction', 'mix_loss', 'beta_sample', 'check_minmax', 'is_mask',
+           'mixup_lam', 'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box',
+           'minmax_box', 'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes', 'resize_into_boxes', 'cutmix',
+           'check_lam_range', 'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
 def check_alpha(alpha, name:str='alpha') -> float:
@@ -45,22 +47,53 @@ def _plain(t:Tensor) -> Tensor:
     "`t` as a plain `Tensor` (a view, still in the autograd graph)"
     return t.as_subclass(Tensor) if type(t) is not Tensor and isinstance(t, Tensor) else t
 
+def loss_reduction(loss_func) -> str:
+    "How `loss_func` reduces: its `reduction` attribute, else the default of its `reduction` argument, else 'mean'"
+    r = getattr(loss_func, 'reduction', None)
+    if r is None:
+        try: r = inspect.signature(loss_func).parameters['reduction'].default
+        except (TypeError, ValueError, KeyError): pass
+    return r if r in _reductions else 'mean'
+
+def _class_weights(loss_func):
+    "(class weights, ignore_index) of a cross-entropy or NLL loss, which normalises its mean by the targets' weights; None for other losses"
+    f = loss_func.func if isinstance(loss_func, BaseLoss) else loss_func # fastai's flattened losses wrap the PyTorch one
+    if isinstance(f, (nn.CrossEntropyLoss, nn.NLLLoss)): return f.weight, f.ignore_index
+    if isinstance(f, partial) and f.func in (F.cross_entropy, F.nll_loss): return f.keywords.get('weight'), f.keywords.get('ignore_index', -100)
+    if getattr(f, 'weight', None) is not None and type(f).__name__ == 'LabelSmoothingCrossEntropy': raise TypeError(
+        "fastai's LabelSmoothingCrossEntropy with class weights averages its smoothing and its weighted NLL separately, which no per-sample "
+        "mix of the two targets can reproduce; use CrossEntropyLossFlat(weight=..., label_smoothing=...) (PyTorch's), which mixes exactly")
+    return None
+
+def _target_weights(cw, y:Tensor) -> Tensor:
+    "Each target's weight in a cross-entropy mean: its class weight (1 without), 0 where it is `ignore_index`"
+    weight, ignore = cw
+    y = y.long()
+    keep = y != ignore
+    w = keep.float() if weight is None else weight.float()[torch.where(keep, y, 0)] * keep
+    return w
+
 def mix_loss(
-    loss_func, # The original loss: a module or function that accepts `reduction='none'`
+    loss_func, # The original loss: a module or function (for per-sample shares, one that accepts `reduction='none'`)
     pred:Tensor, # Model output
     yb:Sequence[Tensor], # Targets of the mixed batch
-    yb1:Sequence[Tensor], # Targets of the partners, `y[perm]`
+    yb1:Sequence[Tensor], # Targets of the partners: `y[perm]` for class indices, the mixed targets themselves for the others
     lam:float|Tensor, # Share of the original: one float, or one per sample
 ) -> Tensor:
-    "`loss_func` against both targets, weighted by the shares and reduced as `loss_func` reduces"
+    "`loss_func` against both targets, weighted by the shares and normalised as `loss_func` normalises"
+    if not isinstance(lam, Tensor): return torch.lerp(_plain(loss_func(pred, *yb1)), _plain(loss_func(pred, *yb)), lam)
+    reduction, cw = loss_reduction(loss_func), _class_weights(loss_func)
     with NoneReduce(loss_func) as lf: loss, loss1 = lf(pred, *yb), lf(pred, *yb1)
     loss, loss1 = _plain(loss), _plain(loss1) # fastai's tensor subclasses cost a Python call per op
-    if isinstance(lam, Tensor):
-        if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample shares need one loss per sample")
-        w = lam.to(loss.dtype).view(len(lam), 1)
-        loss = torch.lerp(loss1.reshape(len(lam), -1), loss.reshape(len(lam), -1), w).reshape(loss.shape)
-    else: loss = torch.lerp(loss1, loss, lam)
-    return reduce_loss(loss, getattr(loss_func, 'reduction', 'mean'))
+    if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample shares need one loss per sample")
+    n = len(lam)
+    w = lam.to(loss.dtype).view(n, 1)
+    mixed = torch.lerp(loss1.reshape(n, -1), loss.reshape(n, -1), w)
+    if reduction == 'mean' and cw is not None and len(yb) == 1 and not yb[0].is_floating_point():
+        tw, tw1 = _target_weights(cw, yb[0]).reshape(n, -1), _target_weights(cw, yb1[0]).reshape(n, -1)
+        return mixed.sum() / torch.lerp(tw1, tw, w.to(tw.dtype)).sum().to(mixed.dtype)
+    return reduce_loss(mixed.reshape(loss.shape), reduction)
+
 
 # %% ../nbs/00_core.ipynb #83fbd668
 def _check_generator(generator, x:Tensor):

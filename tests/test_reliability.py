@@ -210,12 +210,15 @@ class MeanOnly(nn.Module):
     reduction = 'mean'
     def forward(self, pred, y): return F.cross_entropy(pred, y)
 
-@pytest.mark.parametrize('mixer', MIXERS)
-def test_loss_without_reduction(mixer):
-    m = mixer()
+PER_SAMPLE = {'MixUp': MixUp, 'CutMix': lambda: CutMix(per_sample=True), 'ResizeMix': lambda: ResizeMix(per_sample=True)}
+
+@pytest.mark.parametrize('name', PER_SAMPLE)
+def test_loss_without_reduction(name):
+    "Per-sample shares need one loss per sample: a loss that takes no `reduction` is refused; one share per batch calls the loss as it is"
+    m = PER_SAMPLE[name]()
     learn = synth_learner(loss_func=ce_no_reduction, cbs=m)
     snap = snapshot(learn)
-    with pytest.raises(TypeError, match=rf"{mixer.__name__} mixes the loss for class-index targets: it calls the loss with reduction='none'.*"
+    with pytest.raises(TypeError, match=rf"{name} mixes the loss for class-index targets with one share per sample: it calls the loss with reduction='none'.*"
                                         r"ce_no_reduction.* has no `reduction` attribute and takes no `reduction` argument"):
         learn.fit(1)
     assert_as_found(learn, snap, m)
@@ -224,6 +227,12 @@ def test_loss_without_reduction(mixer):
     learn.fit(1, cbs=spy)
     check_mixing(m, spy.records)
     assert learn.loss_func is lf
+    if name != 'MixUp': # the same mixer with one share per batch needs no `reduction`
+        m, spy = type(m)(), MixSpy()
+        learn = synth_learner(loss_func=ce_no_reduction, cbs=[m, spy])
+        learn.fit(1)
+        check_mixing(m, spy.records)
+        assert learn.loss_func is ce_no_reduction
 
 def test_loss_returning_a_scalar():
     "With one share per sample the loss must give one loss per sample; with one share per batch a mean is enough, and exact"
