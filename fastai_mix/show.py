@@ -4,8 +4,9 @@
 
 # %% ../nbs/03_show.ipynb #73e029a7
 from __future__ import annotations
-import itertools, math, random
+import math, random
 from contextlib import contextmanager
+import numpy as np
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -13,6 +14,8 @@ from fastcore.foundation import L
 from fastai.torch_core import no_random, retain_type, show_image, to_device
 from fastai.data.core import DataLoaders
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from .core import is_mask
 from .callback import MixHandler
 
@@ -41,18 +44,33 @@ def mix_title(
     return s if pct >= 100 else s1 if pct <= 0 else f"{s} ({pct}%) + {s1} ({100 - pct}%)"
 
 # %% ../nbs/03_show.ipynb #cecc6ca3
-_views = itertools.count() # calls so far: each call without a seed shows a new batch
+_looks = dict(states=None, n=0) # the random states the last call without a seed saw, and how many calls in a row saw them
+
+def _random_states() -> tuple:
+    "Python's, numpy's and torch's global random states, as values that compare"
+    _, keys, pos, *_ = np.random.get_state()
+    return random.getstate(), keys.tobytes(), pos, bytes(torch.get_rng_state().numpy())
+
+def _just_seeded(states:tuple) -> bool:
+    "Whether the global random states are as `set_seed` leaves them: nothing drawn from them since"
+    py, _, pos, t = states
+    return py[1][-1] == 624 and pos == 624 and t == bytes(torch.Generator().manual_seed(torch.initial_seed()).get_state().numpy())
+
+def _unseeded() -> int:
+    "A seed read from the global random states (left as they are), plus the number of calls in a row that found them so"
+    states = _random_states()
+    n = 0 if states != _looks['states'] or _just_seeded(states) else _looks['n'] + 1
+    _looks.update(states=states, n=n)
+    rng = random.Random(); rng.setstate(states[0])
+    return rng.getrandbits(32) + n
 
 @contextmanager
 def untouched(
     dl, # A fastai `DataLoader`, whose attributes (its random generator included) are put back after
-    seed:int|None=None, # Seed of everything drawn inside; None: a new one per call, reproducible under `set_seed`
+    seed:int|None=None, # Seed of everything drawn inside; None: read from the global random states, see below
 ):
     "Run the block with the random states and `dl`'s seeded from `seed`, then put them and `dl`'s attributes back"
-    if seed is None:
-        state = random.getstate()
-        seed = random.getrandbits(32) + next(_views) # drawn from the global state, put back at once
-        random.setstate(state)
+    if seed is None: seed = _unseeded()
     attrs = dict(vars(dl))
     with no_random(seed, reproducible=False):
         dl.rng = random.Random(seed)
@@ -84,6 +102,12 @@ def _check_count(v, name:str, none_ok:bool=True):
     if (v is None and none_ok) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1): return v
     raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
 
+def _check_batch(b, n_inp:int):
+    if not isinstance(b, (tuple, list)) or len(b) <= n_inp or not all(isinstance(o, Tensor) and o.ndim for o in b[:n_inp]):
+        got = f"a {type(b).__name__} of {len(b)}" if isinstance(b, (tuple, list)) else f"a {type(b).__name__}"
+        raise TypeError(f"b must be a batch as the dataloader gives it, a tuple of {n_inp} input tensor(s) then the target(s), got {got}")
+    if len(b[0]) == 0: raise ValueError(f"b must hold at least one sample, got an empty batch (inputs of shape {tuple(b[0].shape)})")
+
 def _train_dl(mixer:MixHandler, dls):
     if dls is None:
         if mixer.learn is None: raise ValueError(f"show_batch needs dataloaders for a mixer not on a learner: {type(mixer).__name__}().show_batch(dls), "
@@ -99,12 +123,14 @@ def show_batch(self:MixHandler,
     nrows:int|None=None, # Rows of the grid; about a square grid when None
     ncols:int|None=None, # Columns of the grid
     figsize:tuple|None=None, # Figure size in inches; 3 by 3 per sample when None
-    seed:int|None=None, # Seed of the batch and the mix; None: a new one each call, reproducible under `set_seed`
+    seed:int|None=None, # Seed of the batch and the mix; None: a new batch each call, the same ones again after `set_seed`
+    show:bool=True, # Show the grid, as fastai's `show_batch` does; False: return the figure without showing it
     **kwargs, # Passed to each image's `show` (e.g. `cmap`) or to `plot` for signals
-) -> plt.Figure: # One axis per sample, titled `label (share%) + partner's label (share%)`
+) -> Figure|None: # None when shown; with `show=False`, the figure: one axis per sample, titled `label (share%) + partner's label (share%)`
     "Show a mixed training batch, each sample titled with its label and its partner's and their shares; trains nothing, changes nothing"
     _check_count(max_n, 'max_n', none_ok=False); _check_count(nrows, 'nrows'); _check_count(ncols, 'ncols')
     dl = _train_dl(self, dls)
+    if b is not None: _check_batch(b, dl.n_inp)
     with untouched(dl, seed):
         b = dl.one_batch() if b is None else to_device(b, dl.device)
         xb, yb = tuple(b[:dl.n_inp]), tuple(b[dl.n_inp:])
@@ -119,7 +145,8 @@ def show_batch(self:MixHandler,
     nrows = nrows or (math.ceil(n / ncols) if ncols else int(math.sqrt(n)))
     ncols = ncols or math.ceil(n / nrows)
     if nrows * ncols < n: raise ValueError(f"a grid of nrows={nrows} by ncols={ncols} has no room for {n} samples: give a larger grid or a smaller max_n")
-    fig = plt.figure(figsize=figsize or (3 * ncols, 3 * nrows))
+    size = figsize or (3 * ncols, 3 * nrows)
+    fig = plt.figure(figsize=size) if show else FigureCanvasAgg(Figure(figsize=size)).figure # pyplot shows its figures; the other is the caller's only
     for i, (s, s1) in enumerate(zip(own, other)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         show_input(s[0], ax, **kwargs)
@@ -129,4 +156,4 @@ def show_batch(self:MixHandler,
         if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct))
         elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
     fig.tight_layout()
-    return fig
+    return None if show else fig

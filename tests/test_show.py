@@ -1,5 +1,5 @@
 "`show_batch`: what it draws is the mixed batch, its titles are the loss's labels and shares read back from the pixels, and it leaves no trace"
-import random
+import json, os, random, subprocess, sys, textwrap
 import numpy as np, pytest, torch
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
@@ -7,7 +7,7 @@ from fastcore.test import test_eq as eq_
 from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter, Categorize, Normalize
 from fastai.torch_core import TensorImage, no_random, set_seed
-from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, mix_title
+from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice, mix_title
 from fastai_mix.show import untouched
 from fastai_mix.test_utils import synth_learner, synth_dls, blend_shares, paste_shares
 
@@ -37,7 +37,7 @@ def shown(fig): return torch.stack([torch.as_tensor(np.asarray(ax.images[0].get_
 @pytest.mark.parametrize('mixer', MIXERS)
 def test_draws_the_decoded_mixed_batch_titled_with_pixel_shares(mixer):
     mixer, dls = mixer(), named_dls()
-    fig = mixer.show_batch(dls, seed=3, max_n=8)
+    fig = mixer.show_batch(dls, seed=3, max_n=8, show=False)
     eq_(len(fig.axes), 8)
     dl = dls.train
     with untouched(dl, 3): # the same draws again, to know the originals and the partners
@@ -62,8 +62,9 @@ def test_leaves_learner_data_and_random_states_as_they_were(mixer):
             learn_vars, dl_vars = dict(vars(learn)), [dict(vars(dl)) for dl in learn.dls]
             states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
             w = [p.clone() for p in learn.model.parameters()]
-            fig = getattr(learn, cb.name).show_batch(max_n=4)
-            eq_(len(fig.axes), 4)
+            n_figs = len(plt.get_fignums())
+            eq_(getattr(learn, cb.name).show_batch(max_n=4), None) # shown through pyplot, as fastai's show_batch
+            eq_(len(plt.get_fignums()), n_figs + 1); eq_(len(plt.gcf().axes), 4)
             assert all(vars(learn)[k] is v for k, v in learn_vars.items()) and vars(learn).keys() == learn_vars.keys()
             for dl, before in zip(learn.dls, dl_vars): assert vars(dl).keys() == before.keys() and all(vars(dl)[k] is v for k, v in before.items())
             eq_(random.getstate(), states[0]); eq_(np.random.get_state()[1], states[1]); eq_(torch.get_rng_state(), states[2])
@@ -77,15 +78,74 @@ def test_a_given_batch_is_left_unchanged(mixer):
     dls = named_dls()
     b = dls.one_batch()
     b0 = tuple(o.clone() for o in b)
-    fig = mixer().show_batch(dls, b=b, seed=0, max_n=3)
+    fig = mixer().show_batch(dls, b=b, seed=0, max_n=3, show=False)
     assert all(torch.equal(o, o0) for o, o0 in zip(b, b0))
     for i, ax in enumerate(fig.axes): assert ax.get_title().startswith(VOCAB[b[1][i]]) # the given batch is the one shown
 
 def test_seeds():
     dls = named_dls()
-    a, b, c = (shown(CutMix().show_batch(dls, seed=s, max_n=4)) for s in (5, 5, None))
+    a, b, c = (shown(CutMix().show_batch(dls, seed=s, max_n=4, show=False)) for s in (5, 5, None))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not torch.equal(c, shown(CutMix().show_batch(dls, max_n=4))) # a new batch each call
+    assert not torch.equal(c, shown(CutMix().show_batch(dls, max_n=4, show=False))) # a new batch each call
+
+def test_set_seed_shows_the_same_batches():
+    dls = named_dls()
+    def look(): return shown(CutMix().show_batch(dls, max_n=4, show=False))
+    set_seed(7); a = look()
+    set_seed(7); b = look()
+    assert torch.equal(a, b) # as everything fastai draws after set_seed
+    set_seed(8); assert not torch.equal(a, look())
+    set_seed(7); random.random(); torch.rand(1) # anything that draws: from then on each look is a new batch
+    c, d = look(), look()
+    assert not torch.equal(c, d) and not torch.equal(a, c)
+
+def test_bad_batch():
+    dls = named_dls()
+    x, y = dls.one_batch()
+    with pytest.raises(ValueError, match=r'b must hold at least one sample, got an empty batch \(inputs of shape \(0, 3, 12, 16\)\)'):
+        CutMix().show_batch(dls, b=(x[:0], y[:0]))
+    for b, got in [(x, 'TensorImage'), ((x,), 'tuple of 1'), ([], 'list of 0')]:
+        with pytest.raises(TypeError, match=f'b must be a batch as the dataloader gives it, .*, got a {got}'): CutMix().show_batch(dls, b=b)
+
+IPYTHON_RUN = textwrap.dedent('''
+    import json, sys
+    from execnb.shell import CaptureShell
+    SETUP = """
+    from pathlib import Path
+    import numpy as np
+    from PIL import Image
+    from torch import nn
+    from fastai.vision.data import ImageDataLoaders
+    from fastai.vision.augment import Resize
+    from fastai.learner import Learner
+    from fastai_mix import MixUp, CutMix, ResizeMix, MixChoice
+    path, g = Path(sys.argv[1]), np.random.default_rng(0)
+    for i in range(16): # a real image folder, two classes
+        (path/'ab'[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path/'ab'[i % 2]/f'{i}.png')
+    dls = ImageDataLoaders.from_folder(path, valid_pct=0.25, seed=0, item_tfms=Resize(12), bs=4, num_workers=0)
+    learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)), cbs=CutMix())
+    """
+    sh = CaptureShell()
+    def run(src):
+        outs = sh.run(src)
+        assert not [o for o in outs if o['output_type'] == 'error'], [o.get('evalue') for o in outs]
+        return [o['output_type'] for o in outs if 'image/png' in o.get('data', {})]
+    run("import sys"); run(SETUP)
+    print(json.dumps({src: run(src) for src in sys.argv[2:]}))
+''')
+
+def test_shown_once_in_ipython(tmp_path):
+    "In an IPython kernel (execnb's, as nbdev runs notebooks) one call shows one picture, as fastai's `dls.show_batch()` does"
+    calls = ['dls.show_batch(max_n=4)', 'learn.cut_mix.show_batch(max_n=4)',
+             *(f'{m}.show_batch(dls, max_n=4)' for m in ('MixUp()', 'CutMix()', 'ResizeMix()', 'MixChoice([MixUp(), CutMix()])')),
+             'fig = MixUp().show_batch(dls, max_n=4, show=False)', 'fig']
+    env = dict(os.environ, IPYTHONDIR=str(tmp_path/'ipython'), MPLBACKEND='Agg')
+    res = subprocess.run([sys.executable, '-c', IPYTHON_RUN, str(tmp_path/'images'), *calls], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    outs = json.loads(res.stdout.strip().splitlines()[-1])
+    eq_(outs.pop('dls.show_batch(max_n=4)'), ['display_data']) # fastai's, the reference
+    eq_(outs, {**{c: ['display_data'] for c in calls[1:6]}, calls[6]: [], 'fig': ['execute_result']})
 
 @pytest.mark.parametrize('shape,lines', [((10,), 1), ((2, 30), 2), ((3, 8, 8), None), ((1, 4, 6, 6), None)], ids=['features', 'signal', 'image', 'volume'])
 @pytest.mark.parametrize('mixer', MIXERS)
@@ -94,7 +154,7 @@ def test_every_rank(mixer, shape, lines):
     if len(shape) == 1 and mixer is not MixUp:
         with pytest.raises(ValueError, match='use MixUp'): mixer().show_batch(dls)
         return
-    fig = mixer().show_batch(dls, max_n=5, seed=0)
+    fig = mixer().show_batch(dls, max_n=5, seed=0, show=False)
     eq_(len(fig.axes), 5)
     for ax in fig.axes:
         if lines: eq_(len(ax.lines), lines) # one line per channel
@@ -105,20 +165,20 @@ def test_every_rank(mixer, shape, lines):
 def test_half_precision_batch(dtype):
     dls = synth_dls(bs=8)
     x, y = dls.one_batch()
-    fig = CutMix().show_batch(dls, b=(x.to(dtype), y), max_n=4, seed=0)
+    fig = CutMix().show_batch(dls, b=(x.to(dtype), y), max_n=4, seed=0, show=False)
     assert all(len(ax.images) == 1 for ax in fig.axes)
 
 def test_multi_label_titles():
     dls = synth_dls(bs=8, multi_label=True)
-    fig = MixUp().show_batch(dls, max_n=8, seed=0)
+    fig = MixUp().show_batch(dls, max_n=8, seed=0, show=False)
     assert any('%) + ' in ax.get_title() for ax in fig.axes)
 
 def test_grid_and_errors():
     dls = named_dls()
-    fig = MixUp().show_batch(dls, max_n=6, nrows=1, figsize=(12, 2))
+    fig = MixUp().show_batch(dls, max_n=6, nrows=1, figsize=(12, 2), show=False)
     eq_([ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes], [(1, 6)] * 6)
     eq_(tuple(fig.get_size_inches()), (12., 2.))
-    eq_(len(MixUp().show_batch(dls, max_n=100).axes), 8) # no more than the batch
+    eq_(len(MixUp().show_batch(dls, max_n=100, show=False).axes), 8) # no more than the batch
     with pytest.raises(ValueError, match=r'learn\.cut_mix\.show_batch\(\)'): CutMix().show_batch()
     for kw, msg in [(dict(max_n=0), 'max_n must be a positive int, got 0'), (dict(max_n=2.5), 'max_n must be'),
                     (dict(nrows=0), 'nrows must be a positive int or None'), (dict(max_n=5, nrows=2, ncols=2), 'no room for 5 samples')]:
@@ -130,6 +190,6 @@ def test_grid_and_errors():
 def test_cuda(mixer):
     dls = named_dls().to('cuda')
     states = torch.get_rng_state(), torch.cuda.get_rng_state()
-    fig = mixer().show_batch(dls, max_n=4)
+    fig = mixer().show_batch(dls, max_n=4, show=False)
     eq_(len(fig.axes), 4)
     assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], torch.cuda.get_rng_state())
