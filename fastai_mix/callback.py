@@ -25,9 +25,13 @@ def _is_index(y:Tensor, ref:Tensor) -> bool:
     "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`), so the loss is mixed for it"
     return not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
 
+def _ref(xb:Sequence[Tensor]) -> Tensor:
+    "The input that tells the batch size, the device and the spatial size: the first floating point one, else the first (token or category ids)"
+    return next((x for x in xb if x.is_floating_point()), xb[0])
+
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
-    ref = next(x for x in xb if x.is_floating_point())
+    ref = _ref(xb)
     return any(_is_index(y, ref) for y in yb)
 
 def check_targets(yb:Sequence, caller:str='MixHandler'):
@@ -74,6 +78,7 @@ class MixHandler(Callback):
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
     _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok') # per-batch state and the last loss checked: not pickled by `learn.export`
     _choice = None # the `MixChoice` that holds this mixer, if any
+    per_sample_choice = True # whether `MixChoice(per_sample=True)` can hold it (a mixer that mixes inside the model cannot)
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
         p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
@@ -123,7 +128,7 @@ class MixHandler(Callback):
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
         (xm, ym), perm, lam = self.mix(xb, yb)
-        ref = next(o for o in xm if o.is_floating_point())
+        ref = _ref(xm)
         index = [_is_index(y, ref) for y in yb]
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
@@ -249,6 +254,9 @@ class MixChoice(MixHandler):
         if len(w) != len(self.mixers) or None in w or sum(w) <= 0:
             raise ValueError(f"weights must be {len(self.mixers)} finite numbers >= 0, not all 0, one per mixer; got {weights!r}")
         self.weights, self.per_sample = [o / sum(w) for o in w], check_flag(per_sample, 'per_sample')
+        whole = [type(m).__name__ for m in self.mixers if not m.per_sample_choice]
+        if self.per_sample and whole: raise ValueError(f"MixChoice(per_sample=True) mixes each sample with its own pick, but {', '.join(whole)} "
+                                                       "mixes inside the model, for the whole batch: use per_sample=False (one pick per batch)")
         for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
 
     def before_batch(self):
@@ -256,6 +264,9 @@ class MixChoice(MixHandler):
         super().before_batch()
     def after_batch(self): self._pct = None; super().after_batch()
     def before_fit(self): self._pct = None; super().before_fit()
+    def _reset(self):
+        super()._reset()
+        for m in self.mixers: m._reset() # a mixer that hooks the model (ManifoldMixup) takes its hooks off
 
     def _chances(self) -> list[float]:
         "Chance of each pick: left alone, then each mixer (0 for one past its own `stop_pct`)"
@@ -265,7 +276,7 @@ class MixChoice(MixHandler):
 
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
-        chances, ref = self._chances(), next(o for o in xb if o.is_floating_point())
+        chances, ref = self._chances(), _ref(xb)
         if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:
             k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw
