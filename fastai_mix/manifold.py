@@ -271,8 +271,8 @@ class OutputMixup(ManifoldMixup):
             f"OutputMixup mixes the logits of a classifier; the loss {lf!r} is a regression loss, whose outputs are values, not logits: "
             "use ManifoldMixup, which mixes hidden layers")
         for i, y in enumerate(yb):
-            if not (y.ndim == 1 and not y.is_floating_point() or y.ndim == 2 and y.is_floating_point()): raise ValueError(
-                f"OutputMixup mixes the logits of a classifier, for class indices (N,) or one-hot or soft targets (N, C); target {i} is a "
+            if not (not y.is_floating_point() and (y.ndim == 1 or y.ndim == 2 and y.shape[1] == 1) or y.ndim == 2 and y.is_floating_point()): raise ValueError(
+                f"OutputMixup mixes the logits of a classifier, for class indices (N,) or (N, 1) or one-hot or soft targets (N, C); target {i} is a "
                 f"{y.dtype} tensor of shape {tuple(y.shape)}: use ManifoldMixup, which mixes hidden layers")
 
     def _blend(self, pend, t):

@@ -99,20 +99,19 @@ class Capture(Callback):
             elif pl.kind == 'input': self.handles.append(pl.module.register_forward_pre_hook(grab('raw', i)))
     def before_batch(self):
         self.raw, mixer = {}, mixer_of(self.learn)
-        self.pend = getattr(mixer, '_pending', None)
-        self.later = [] # after the mixer's hook: they see what it returns
+        self.pend = next((m._pending for m in [mixer, *getattr(mixer, 'mixers', [])] if getattr(m, '_pending', None) is not None), None)
+        self.later, self.i = [], None # after the mixer's hook: they see what it returns
         if self.pend is not None:
-            i = next(i for i, pl in enumerate(self.places) if pl.module is self.pend.place.module and pl.kind == self.pend.place.kind)
-            f = lambda m, args, out=None: self.raw.setdefault('mixed', (args[0] if out is None else out).detach().clone())
+            self.i = next((i for i, pl in enumerate(self.places) if pl.module is self.pend.place.module and pl.kind == self.pend.place.kind), None)
+            def f(m, args, out=None): self.raw.setdefault('mixed', (args[0] if out is None else out).detach().clone()) # returns None: changes nothing
             mod = self.pend.place.module
             self.later.append(mod.register_forward_hook(f) if self.pend.place.kind == 'output' else mod.register_forward_pre_hook(f))
-            self.i = i
     def after_pred(self):
         for h in self.later: h.remove()
     def after_loss(self):
         mixer = mixer_of(self.learn)
-        self.records.append(dict(pend=self.pend, i=getattr(self, 'i', None) if self.pend else None, raw=self.raw.get('raw', {}), mixed=self.raw.get('mixed'),
-                                 x=self.learn.inputs.x0, xm=tuple(o.detach() for o in self.learn.xb), y=self.learn.yb, perm=mixer.perm, lam=mixer.lam,
+        self.records.append(dict(pend=self.pend, i=self.i, raw=self.raw.get('raw', {}), mixed=self.raw.get('mixed'),
+                                 x=getattr(getattr(self.learn, 'inputs', None), 'x0', None), xm=tuple(o.detach() for o in self.learn.xb), y=self.learn.yb, perm=mixer.perm, lam=mixer.lam,
                                  pred=self.learn.pred.detach(), loss=self.learn.loss.detach()))
     def after_fit(self):
         for h in self.handles: h.remove()
@@ -149,3 +148,269 @@ def test_readback(kind):
         eq_(hooks(learn.model), {})
     eq_(seen, set(range(len(places)))) # every place was mixed and read back
     eq_(len(places), {'cnn': 3, 'basic': 3, 'tab': 3, 'text': 2}[kind]) # input + 2 blocks; joined + 2 hidden; pooled + 1 hidden
+
+# --- the hooks exist only during the training batch's forward pass
+
+class Raise(Callback):
+    "Raise `exc` at the given event of the second training batch"
+    order, run_valid = MixHandler.order + 1, False
+    def __init__(self, exc, event): self.exc, self.event, self.n = exc, event, 0
+    def before_fit(self): self.n = 0
+    def before_batch(self):
+        self.n += 1
+        if self.event == 'before_batch' and self.n == 2: raise self.exc('stop')
+    def after_pred(self):
+        if self.event == 'after_pred' and self.n == 2: raise self.exc('stop')
+
+def raise_in_forward(learn, exc):
+    "A hook set before the fit, raising `exc` inside the model's forward pass at the second training batch"
+    n = [0]
+    def f(m, args, out):
+        if m.training: n[0] += 1
+        if n[0] == 2: raise exc('stop')
+    return list(learn.model.children())[-1].register_forward_hook(f)
+
+def bad_loss(pred, y, reduction='mean'):
+    bad_loss.n += 1
+    if bad_loss.n == 2: raise RuntimeError('loss')
+    return F.cross_entropy(pred, y.flatten().long(), reduction=reduction)
+
+EXITS = [('normal', None, None), ('forward', RuntimeError, 'forward'), ('forward', KeyboardInterrupt, 'forward'), ('loss', RuntimeError, 'loss'),
+         ('cancel', CancelBatchException, 'before_batch'), ('cancel', CancelFitException, 'before_batch'), ('interrupt', KeyboardInterrupt, 'before_batch'),
+         ('pred', RuntimeError, 'after_pred'), ('pred', KeyboardInterrupt, 'after_pred')]
+
+@pytest.mark.parametrize('on_learner', [True, False], ids=['on-learner', 'one-fit'])
+@pytest.mark.parametrize('kind,exc,event', EXITS, ids=[f'{k}-{e.__name__ if e else ""}' for k, e, _ in EXITS])
+@pytest.mark.parametrize('choice', [False, True], ids=['alone', 'in-MixChoice'])
+def test_hooks_gone(kind, exc, event, on_learner, choice):
+    "After a fit, however it ends, no hook is left on the model (or what a KeyboardInterrupt in the forward pass leaves is inert)"
+    mixer = ManifoldMixup(use_input_mixup=False)
+    cb = MixChoice([mixer]) if choice else mixer
+    learn = tab_learner(cbs=cb if on_learner else None, loss_func=bad_loss if kind == 'loss' else None)
+    bad_loss.n, lf = 0, learn.loss_func
+    h = raise_in_forward(learn, exc) if event == 'forward' else None
+    cbs = ([] if on_learner else [cb]) + ([Raise(exc, event)] if event in ('before_batch', 'after_pred') else [])
+    try: learn.fit(1, cbs=cbs)
+    except (RuntimeError, KeyboardInterrupt): assert exc in (RuntimeError, KeyboardInterrupt)
+    if h is not None: h.remove()
+    left = hooks(learn.model)
+    if left: # only a KeyboardInterrupt, on the learner, before the batch's events could end: fastai runs no event then
+        assert exc is KeyboardInterrupt and on_learner and event in ('forward', 'before_batch'), left
+        x_cat, x_cont, _ = learn.dls.one_batch()
+        learn.model.eval()
+        with torch.no_grad(): out, out2 = learn.model(x_cat, x_cont), learn.model(x_cat, x_cont)
+        eq_(out, out2) # inert: nothing was mixed
+        eq_(hooks(learn.model), {}) # and gone after the first forward pass
+    assert learn.loss_func is lf or getattr(learn.loss_func, 'loss_func', None) is lf
+    learn.fit(1) # the next fit trains and leaves nothing
+    eq_(hooks(learn.model), {})
+
+def test_validate_get_preds_no_hooks():
+    "Validation, `validate` and `get_preds` run the model with no hook of the mixer"
+    learn = tab_learner(cbs=ManifoldMixup(use_input_mixup=False))
+    seen = []
+    h = learn.model.register_forward_pre_hook(lambda m, a: seen.append((m.training, hooks(m))))
+    learn.fit(1); learn.validate(); learn.get_preds()
+    h.remove()
+    assert all(h == {'': 1} for t, h in seen if not t) and any(not t for t, h in seen) # in eval mode only this pre-hook
+    assert all(len(h) == 2 for t, h in seen if t) # in training, the mixer's on the model and on the place too
+    eq_(hooks(learn.model), {})
+
+def test_stale_hook_inert():
+    "A hook whose batch is over mixes nothing, and removes itself"
+    learn = tab_learner()
+    mixer = ManifoldMixup(use_input_mixup=False)
+    learn.add_cb(mixer)
+    b = learn.dls.one_batch()
+    learn.xb, learn.yb, learn.training = b[:2], b[2:], True
+    mixer.mix(learn.xb, learn.yb)
+    assert hooks(learn.model)
+    mixer._pending = None # as if the batch were over without the hooks taken off
+    learn.model.eval()
+    with torch.no_grad(): out = learn.model(*b[:2])
+    eq_(hooks(learn.model), {})
+    with torch.no_grad(): eq_(out, learn.model(*b[:2]))
+
+def test_export_load(tmp_path):
+    "The learner exports and loads with the mixer on it; the loaded one trains, with no hook left"
+    learn = tab_learner(cbs=ManifoldMixup(module_list=['layers.0']))
+    learn.fit(1)
+    learn.export(tmp_path/'m.pkl')
+    learn2 = load_learner(tmp_path/'m.pkl')
+    m = mixer_of(learn2)
+    eq_(m.module_list, ['layers.0']); assert m._pending is None
+    learn2.dls = learn.dls
+    learn2.fit(1)
+    eq_(hooks(learn2.model), {})
+    pickle.loads(pickle.dumps(ManifoldMixup(alpha=.3)))
+
+# --- clear errors
+
+@pytest.mark.parametrize('kwargs,err,msg', [
+    (dict(alpha=0), ValueError, 'alpha must be'), (dict(p=2), ValueError, 'p must be a number in'),
+    (dict(module_list=[]), TypeError, 'module_list must be None'), (dict(module_list=[3]), TypeError, 'module_list must be None'),
+    (dict(use_input_mixup=1), ValueError, 'use_input_mixup must be True or False')])
+def test_bad_args(kwargs, err, msg):
+    with pytest.raises(err, match=msg): ManifoldMixup(**kwargs)
+
+def test_output_bad_args():
+    with pytest.raises(ValueError, match='alpha must be'): OutputMixup(alpha=-1)
+    with pytest.raises(ValueError, match=r'MixChoice\(per_sample=True\).*ManifoldMixup'): MixChoice([MixUp(), ManifoldMixup()], per_sample=True)
+    with pytest.raises(ValueError, match=r'OutputMixup mixes inside the model'): MixChoice([OutputMixup()], per_sample=True)
+
+def test_runtime_errors():
+    "Places that cannot be mixed stop the first batch with what is wrong; the learner is left as it was"
+    learn = tab_learner()
+    lf = learn.loss_func
+    relu = next(m for m in learn.model.modules() if isinstance(m, nn.ReLU)) # fastai shares one ReLU between the hidden layers
+    for ml, err, msg in [(['nope'], ValueError, "no module named 'nope'"), ([nn.Linear(2, 2)], ValueError, 'not a module of'),
+                         ([relu], RuntimeError, 'ran more than once in one forward pass'), (['embeds'], RuntimeError, 'did not run')]:
+        with pytest.raises(err, match=msg): learn.fit(1, cbs=ManifoldMixup(module_list=ml, use_input_mixup=False))
+        eq_(hooks(learn.model), {}); assert learn.loss_func is lf
+    learn = text_learner()
+    with pytest.raises(TypeError, match=r"ManifoldMixup: 0 gives a tuple, but mixing needs a floating point tensor"):
+        learn.fit(1, cbs=ManifoldMixup(module_list=['0'])) # the encoder gives (outputs, mask)
+    eq_(hooks(learn.model), {})
+    with pytest.raises(ValueError, match='found no place to mix'): synth_learner(cbs=ManifoldMixup(use_input_mixup=False)).fit(1)
+    with pytest.raises(ValueError, match='cannot mix a segmentation mask'): synth_seg_learner(cbs=ManifoldMixup(module_list=['0'])).fit(1)
+
+# --- mixing options
+
+def test_p_zero_and_stop_pct():
+    "p=0 trains exactly as without the mixer; stop_pct stops the hooks"
+    def losses(cbs):
+        with no_random(0): learn = tab_learner(cbs=cbs)
+        with no_random(1): learn.fit(1)
+        return learn.recorder.losses
+    eq_(losses([ManifoldMixup(p=0)]), losses([]))
+    cap = Capture([])
+    learn = tab_learner(cbs=[ManifoldMixup(stop_pct=.5, use_input_mixup=False), cap])
+    learn.fit(2, lr=0)
+    eq_([r['lam'] is not None for r in cap.records], [True] * 5 + [False] * 5)
+
+def test_schedule_and_choice():
+    "`mix_alpha`/`mix_p` schedules reach it, also inside a per-batch MixChoice, and each batch's read-back holds"
+    from fastai.callback.schedule import ParamScheduler, SchedNo
+    learn = tab_learner()
+    xb = learn.dls.one_batch()[:2]
+    places = mixable_places(learn.model, xb)
+    cap = Capture(places)
+    learn.fit(1, lr=0, cbs=[MixChoice([ManifoldMixup(alpha=.1)]), cap, Inputs(), ParamScheduler({'mix_alpha': SchedNo(8., 8.)})])
+    for r in cap.records: check_record(r)
+    assert 0.5 <= float(torch.cat([r['lam'] for r in cap.records]).mean()) < .7 # alpha 8: shares near .5 (alpha .1: near 1)
+    eq_(hooks(learn.model), {})
+    cap = Capture(places)
+    learn.fit(1, lr=0, cbs=[ManifoldMixup(), cap, ParamScheduler({'mix_p': SchedNo(0., 0.)})])
+    assert all(r['lam'] is None for r in cap.records)
+
+@pytest.mark.parametrize('kind', ['tab', 'cnn'])
+def test_bf16(kind):
+    "Under to_bf16 the activation keeps its dtype, and the share the loss uses is the one it was blended with"
+    class Autocast(Callback): # fastai's `to_bf16` autocasts on CUDA only: the same on the CPU
+        order = -10
+        def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+        def after_pred(self): self.ac.__exit__(None, None, None); self.learn.pred = self.pred.float() # as fastai's MixedPrecision
+    learn = LEARNERS[kind](cbs=Autocast())
+    places = [p for p in mixable_places(learn.model, learn.dls.one_batch()[:learn.dls.n_inp]) if p.kind != 'batch']
+    mixer = ManifoldMixup(use_input_mixup=False)
+    cap = Capture(places)
+    learn.fit(1, lr=0, cbs=[mixer, cap, Inputs()])
+    assert any(r['mixed'].dtype == torch.bfloat16 for r in cap.records)
+    for r in cap.records:
+        eq_(r['mixed'].dtype, r['raw'][r['i']].dtype)
+        eq_(r['lam'], r['lam'].bfloat16().float()) # the shares are bf16 numbers: what the blend used
+        x, xm, perm, lam = r['raw'][r['i']].float(), r['mixed'].float(), r['perm'], r['lam']
+        close_(xm, torch.lerp(x[perm], x, lam.view(-1, *[1] * (x.ndim - 1))), eps=5e-2)
+
+# --- OutputMixup
+
+def test_output_mixup_readback():
+    "The logits are blended with the shares the loss uses; the text classifier's logits too (its head's output)"
+    for make in (tab_learner, text_learner):
+        learn = make()
+        mixer = OutputMixup(alpha=1.)
+        pl = mixer.places(learn.model)
+        cap = Capture(pl)
+        learn.fit(1, lr=0, cbs=[mixer, cap, Inputs()])
+        for r in cap.records: check_record(r)
+        eq_(hooks(learn.model), {})
+
+def test_output_mixup_onehot():
+    "One-hot float targets are blended with the logits' shares, and the loss is left alone"
+    learn = synth_learner(loss_func=BCEWithLogitsLossFlat(), multi_label=True)
+    mixer = OutputMixup()
+    cap = Capture(mixer.places(learn.model))
+    learn.fit(1, lr=0, cbs=[mixer, cap])
+    for r in cap.records:
+        lam, perm = r['lam'], r['perm']
+        close_(r['y'][0].sum(1), torch.ones(len(perm)))
+        close_(r['pred'], torch.lerp(r['raw'][0][perm], r['raw'][0], lam[:, None]), eps=1e-5)
+
+def test_output_mixup_refuses():
+    from fastai.data.block import RegressionBlock
+    learn = tab_learner(y_block=RegressionBlock(), loss_func=MSELossFlat())
+    with pytest.raises(ValueError, match='is a regression loss'): learn.fit(1, cbs=OutputMixup())
+    learn = synth_seg_learner()
+    with pytest.raises(ValueError, match='OutputMixup mixes the logits of a classifier'): learn.fit(1, cbs=OutputMixup())
+    with pytest.raises(ValueError, match='no mixed inputs to show'): OutputMixup().show_batch(synth_dls())
+    eq_(hooks(learn.model), {})
+
+# --- show_batch
+
+def test_show_batch():
+    "The input pick is shown, said to be so; where the inputs cannot be blended (tabular ids) it says there is nothing to show"
+    fig = ManifoldMixup().show_batch(synth_dls(), max_n=4, seed=0, show=False)
+    assert 'input pick' in fig._suptitle.get_text()
+    eq_(len(fig.axes), 4)
+    learn = tab_learner(cbs=ManifoldMixup())
+    with pytest.raises(ValueError, match='no mixed inputs to show'): learn.manifold_mixup.show_batch()
+    with pytest.raises(ValueError, match='use_input_mixup is False'): ManifoldMixup(use_input_mixup=False).show_batch(synth_dls())
+    eq_(hooks(learn.model), {})
+
+# --- properties
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 9), d=st.integers(1, 6), alpha=st.floats(.05, 8.), p=st.sampled_from([0., .3, 1.]) | st.floats(0., 1.),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_property_hidden_blend(n, d, alpha, p, dtype, seed):
+    "Any batch size, width, alpha, p and dtype: the hidden activation is lerp(partner, own, lam) in its dtype, lam in [.5, 1], dense targets follow"
+    model = nn.Sequential(nn.Linear(3, d), nn.Linear(d, 2)).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, generator=g).to(dtype), torch.rand(n, 2, generator=g)
+    learn = SimpleNamespace(training=True, xb=(x,), model=model, loss_func=None, cbs=[])
+    mixer = ManifoldMixup(alpha, module_list=[model[0]], use_input_mixup=False, p=p)
+    object.__setattr__(mixer, 'learn', learn)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        (xm, ym), perm, lam = mixer.mix(learn.xb, (y,))
+    assert xm is learn.xb
+    raw = []
+    h = model[0].register_forward_hook(lambda m, a, o: raw.append(o.detach().clone())) # runs before the mixer's (set earlier... no: after)
+    out = model(x)
+    h.remove()
+    eq_(hooks(model), {})
+    eq_(sorted(perm.tolist()), list(range(n)))
+    assert ((lam >= .5) & (lam <= 1)).all() and torch.isfinite(lam).all()
+    if p == 0: eq_(lam, torch.ones(n))
+    if dtype in (torch.float16, torch.bfloat16): eq_(lam, lam.to(dtype).float())
+    close_(ym[0], lam[:, None] * y + (1 - lam[:, None]) * y[perm], eps=1e-6)
+    eq_(out.dtype, dtype)
+
+# --- the GPU
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('kind', ['cnn', 'tab'])
+@pytest.mark.parametrize('mixer', [ManifoldMixup, OutputMixup])
+def test_cuda_no_host_sync(kind, mixer):
+    "A training step's draws, hooks, blend and mixed loss never wait on the GPU"
+    learn = LEARNERS[kind](cbs=mixer())
+    learn.dls.to('cuda'); learn.model.cuda()
+    class SyncCheck(Callback):
+        order = -5
+        def before_batch(self): torch.cuda.set_sync_debug_mode('error')
+        def after_loss(self): torch.cuda.set_sync_debug_mode('default')
+    learn.add_cb(SyncCheck())
+    try: learn.fit(1)
+    finally: torch.cuda.set_sync_debug_mode('default')
+    eq_(hooks(learn.model), {})
