@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from fastai.callback.core import Callback
 from fastai.layers import ResBlock, LinBnDrop
 from fastai.losses import BaseLoss
 from fastai.tabular.model import TabularModel
