@@ -130,11 +130,12 @@ class _Hook:
         m, pend = self.mixer, self.pend
         if m._pending is not pend: return pend.remove() # a stale hook (its batch is over): does nothing, and goes
         if self.kind == 'start':
+            if pend.started: return m._drop_hooks() # a second forward pass: the batch's own was interrupted (KeyboardInterrupt)
             learn = m._learner()
-            if pend.started or learn is None or not learn.training or not args or args[0] is not learn.xb[0]:
-                return m._drop_hooks() # not the training batch's forward pass (that one was interrupted): nothing is mixed
+            if learn is None or not learn.training or not args or args[0] is not learn.xb[0]: return # another forward pass: nothing is mixed
             pend.started = True
         elif self.kind == 'end':
+            if not pend.started: return # the end of another forward pass
             m._drop_hooks()
             if out is not None and pend.calls != 1: raise RuntimeError( # `out` is None when the forward pass raised
                 f"{type(m).__name__} picked {pend.place.name} for this batch, but it did not run in the model's forward pass, so nothing "
