@@ -57,11 +57,13 @@ def _hidden(name:str, layers:nn.Sequential) -> list:
     return [Place(_join(name, str(i)), layers[i], 'output') for i in idx]
 
 def _body_stages(model:nn.Module) -> list:
-    "The stages of a `vision_learner` model's body (`model[0]`): its children that hold layers"
+    "The stages of a `vision_learner` model's body (`model[0]`): its children that hold layers, else its pooling layers"
     if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Sequential)): return []
     body, name = model[0], '0'
     while len(body) == 1 and isinstance(body[0], nn.Sequential): body, name = body[0], name + '.0'
-    return [Place(_join(name, n), m, 'output') for n, m in body.named_children() if len(list(m.children()))]
+    stages = [Place(_join(name, n), m, 'output') for n, m in body.named_children() if len(list(m.children()))]
+    pools = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d) # a flat body (VGG): its stages end at its poolings
+    return stages or [Place(_join(name, n), m, 'output') for n, m in body.named_children() if isinstance(m, pools)]
 
 def default_places(model:nn.Module) -> tuple[Place|None, list[Place]]:
     "(the input place that replaces the raw inputs, or None; the hidden places) that ManifoldMixup picks from by default"
@@ -103,13 +105,12 @@ def mixable_places(
             if isinstance(m, nn.Module) and id(m) not in ids: raise ValueError(f"module_list: {type(m).__name__} is not a module of the learner's model")
             n = m if isinstance(m, str) else ids[id(m)]
             hidden.append(Place(n or 'model output', named[n], 'output'))
+    if not hidden: raise ValueError(
+        f"ManifoldMixup found no hidden place to mix in {type(inner).__name__}: no fastai ResBlock, torchvision BasicBlock/Bottleneck, "
+        "TabularModel, text classifier or vision_learner body. Give the modules whose outputs to mix: ManifoldMixup(module_list=[...]) "
+        "(modules or names from `model.named_modules()`); to blend the inputs only, use MixUp")
     if use_input_mixup and inp is None and xb is not None and all(o.is_floating_point() for o in xb): inp = Place('input', None, 'batch')
-    places = ([inp] if use_input_mixup and inp is not None else []) + hidden
-    if not places: raise ValueError(
-        f"ManifoldMixup found no place to mix in {type(inner).__name__}: no fastai ResBlock, torchvision BasicBlock/Bottleneck, TabularModel, "
-        "text classifier or vision_learner body" + ("" if use_input_mixup else ", and use_input_mixup=False") +
-        ". Give the modules whose outputs to mix: ManifoldMixup(module_list=[...]) (modules or names from `model.named_modules()`)")
-    return places
+    return ([inp] if use_input_mixup and inp is not None else []) + hidden
 
 # %% ../nbs/04_manifold.ipynb #654644c6
 _half = (torch.float16, torch.bfloat16)

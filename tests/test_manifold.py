@@ -275,7 +275,7 @@ def test_runtime_errors():
     with pytest.raises(TypeError, match=r"ManifoldMixup: 0 gives a tuple, but mixing needs a floating point tensor"):
         learn.fit(1, cbs=ManifoldMixup(module_list=['0'])) # the encoder gives (outputs, mask)
     eq_(hooks(learn.model), {})
-    with pytest.raises(ValueError, match='found no place to mix'): synth_learner(cbs=ManifoldMixup(use_input_mixup=False)).fit(1)
+    with pytest.raises(ValueError, match='found no hidden place to mix'): synth_learner(cbs=ManifoldMixup()).fit(1)
     with pytest.raises(ValueError, match='cannot mix a segmentation mask'): synth_seg_learner(cbs=ManifoldMixup(module_list=['0'])).fit(1)
 
 # --- mixing options
@@ -418,3 +418,12 @@ def test_cuda_no_host_sync(kind, mixer):
     try: learn.fit(1)
     finally: torch.cuda.set_sync_debug_mode('default')
     eq_(hooks(learn.model), {})
+
+@pytest.mark.parametrize('arch,names', [('resnet18', ['input'] + [f'0.{s}.{b}' for s in range(4, 8) for b in range(2)]),
+                                        ('vgg11_bn', ['input', '0.0.3', '0.0.7', '0.0.14', '0.0.21', '0.0.28'])])
+def test_vision_learner_places(arch, names):
+    "`vision_learner`'s model: the outermost residual blocks of its body, or a flat body's pooling outputs; never the head"
+    import torchvision.models as tvm
+    from fastai.vision.learner import vision_learner
+    learn = vision_learner(synth_dls(shape=(3, 32, 32)), getattr(tvm, arch), pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
+    eq_([p.name for p in mixable_places(learn.model, (torch.rand(2, 3, 32, 32),))], names)
