@@ -432,7 +432,7 @@ def check_lam_range(lam_min, lam_max) -> tuple[float, float]:
     if lam_min > lam_max: raise ValueError(f"lam_min must be <= lam_max, got lam_min={lam_min!r} and lam_max={lam_max!r}")
     return lam_min, lam_max
 
-_sample_interpolations = ('bilinear', 'nearest', 'nearest-exact', 'bicubic') # what per-sample boxes can resize with
+_sample_interpolations = ('bilinear', 'nearest', 'bicubic') # what per-sample boxes resize with
 
 def check_interpolation(
     mode:str, # Resize mode

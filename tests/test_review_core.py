@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastai_mix.core import (mixup, cutmix, resizemix, is_mask, draw_boxes, check_alpha, check_share, check_minmax,
                              check_lam_range, check_interpolation, MixCollate)
 
-def gen(seed=0): return torch.Generator().manual_seed(seed)
+def gen(seed=0, device='cpu'): return torch.Generator(device).manual_seed(seed)
 def bits(t): return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16) # NaN-safe, sign-of-zero-safe
 
 # 6: a float (N, L) target of a 1-D signal: a plain tensor is dense (blended), a fastai `TensorMask` is a mask (pasted)
@@ -190,8 +190,8 @@ def test_per_sample_memory_format(fn, mode, fmt, shape):
     close_(xm, fn(x, generator=gen(), **kw)[0])
 
 # 16: resized masks and per-sample 'nearest' read the pixels F.interpolate reads into the same box
-def _per_sample_boxes(n, size, lam_range, seed):
-    lo, hi = draw_boxes(n, size, 1., lam_range, None, 1., None, gen(seed)) # the draws resizemix makes first
+def _per_sample_boxes(n, size, lam_range, seed, device='cpu'):
+    lo, hi = draw_boxes(n, size, 1., lam_range, None, 1., device, gen(seed, device)) # the draws resizemix makes first
     return [tuple(slice(int(a[i]), int(b[i])) for a, b in zip(lo, hi)) for i in range(n)]
 
 def _check_boxes(out, src, perm, boxes, mode):
@@ -216,14 +216,15 @@ def test_whole_number_scale_reads_every_other_pixel():
         eq_(xm[i, 0, b], torch.arange(0., 224, 2)); eq_(mm[i, b], torch.arange(0, 224, 2)) # image and mask read alike
         eq_(mb[i, b], torch.arange(1, 224, 2)) # with 'bilinear', the mask reads the centres ('nearest-exact')
 
-@pytest.mark.parametrize('size', [(37,), (23, 30), (7, 9, 11)], ids=['1d', '2d', '3d'])
-@pytest.mark.parametrize('interpolation', ['bilinear', 'nearest', 'bicubic'])
-def test_per_sample_nearest_and_masks_are_interpolate_per_box(size, interpolation):
-    if interpolation == 'bicubic' and len(size) != 2: return
+PS_CASES = [(size, mode) for size in [(37,), (23, 30), (7, 9, 11)] for mode in ['bilinear', 'nearest', 'bicubic']
+            if mode != 'bicubic' or len(size) == 2]
+
+@pytest.mark.parametrize('size,interpolation', PS_CASES, ids=[f'{len(s)}d-{m}' for s, m in PS_CASES])
+def test_per_sample_nearest_and_masks_are_interpolate_per_box(size, interpolation, device='cpu'):
     n = 12
-    x, m = torch.rand(n, 2, *size), torch.randint(0, 1000, (n, *size))
-    (xm, mm), perm, lam = resizemix(x, y=m, per_sample=True, interpolation=interpolation, generator=gen(2))
-    boxes = _per_sample_boxes(n, size, (.1, .8), 2)
+    x, m = torch.rand(n, 2, *size, device=device), torch.randint(0, 1000, (n, *size), device=device)
+    (xm, mm), perm, lam = resizemix(x, y=m, per_sample=True, interpolation=interpolation, generator=gen(2, device))
+    boxes = _per_sample_boxes(n, size, (.1, .8), 2, device)
     mask_mode = 'nearest' if interpolation == 'nearest' else 'nearest-exact'
     _check_boxes(mm, m, perm, boxes, mask_mode)
     if interpolation == 'nearest': _check_boxes(xm, x, perm, boxes, 'nearest')
@@ -250,3 +251,15 @@ def test_nearest_index_is_interpolate(exact):
         idx = nearest_index(torch.zeros_like(sides), sides, s, exact)
         for side in range(1, s + 1):
             eq_(idx[side - 1, :side], F.interpolate(pos, size=side, mode='nearest-exact' if exact else 'nearest')[0, 0].long())
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_nearest_boxes_and_no_sync():
+    "On the GPU too, per-sample nearest boxes are F.interpolate's, and the new paths make no host-device sync"
+    for size, mode in PS_CASES: test_per_sample_nearest_and_masks_are_interpolate_per_box(size, mode, device='cuda')
+    x, m = torch.rand(32, 3, 16, 16, device='cuda'), torch.randint(0, 3, (32, 16, 16), device='cuda')
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        resizemix(x, y=m, per_sample=True, interpolation='nearest', p=.5)
+        mixup(x, p=.5, y=torch.rand(32, 4, device='cuda')); mixup(x, p=0.); cutmix(x, per_sample=True, p=0.)
+    finally: torch.cuda.set_sync_debug_mode('default')
