@@ -13,15 +13,11 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
-from .core import _unmixed
-def check_flag(value, name:str) -> bool: # TEMP until the core's lands
-    if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
+from .core import _unmixed, _inputs
 
 # %% auto #0
-__all__ = ['check_flag', 'mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix',
-           'ResizeMix', 'MixChoice']
+__all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
+           'MixChoice']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
@@ -257,13 +253,6 @@ def _select(sel:Tensor, a, b):
     if not isinstance(b, Tensor): b = torch.full((len(sel),), float(b), device=sel.device)
     return torch.where(sel.view(len(sel), *[1] * (a.ndim - 1)), a, b)
 
-def _weight(w) -> float|None:
-    "`w` as a float when it is a finite real number >= 0 (Python, numpy or a one-element tensor), else None"
-    if isinstance(w, Tensor) and w.numel() == 1 and not w.is_complex() and w.dtype != torch.bool: w = w.item()
-    if isinstance(w, bool) or not isinstance(w, numbers.Real): return None
-    w = float(w)
-    return w if 0 <= w < float('inf') else None
-
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
     _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
@@ -278,8 +267,8 @@ class MixChoice(MixHandler):
         self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
         bad = [m for m in self.mixers if not isinstance(m, MixHandler) or isinstance(m, MixChoice)]
         if not self.mixers or bad: raise TypeError(f"mixers must be a non-empty list of mixer instances such as [MixUp(), CutMix()], got {mixers!r}")
-        w = [1.] * len(self.mixers) if weights is None else [_weight(o) for o in weights]
-        if len(w) != len(self.mixers) or None in w or sum(w) <= 0:
+        w = [1.] * len(self.mixers) if weights is None else [as_real(o) for o in weights]
+        if len(w) != len(self.mixers) or any(o is None or not 0 <= o < float('inf') for o in w) or sum(w) <= 0:
             raise ValueError(f"weights must be {len(self.mixers)} finite numbers >= 0, not all 0, one per mixer; got {weights!r}")
         self.weights, self.per_sample = [o / sum(w) for o in w], check_flag(per_sample, 'per_sample')
         for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
@@ -298,7 +287,7 @@ class MixChoice(MixHandler):
 
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
-        chances, ref = self._chances(), next(o for o in xb if o.is_floating_point())
+        chances, (_, _, ref) = self._chances(), _inputs(xb, None, 'MixChoice') # a clear error for inputs it cannot mix
         if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:
             k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw
