@@ -18,7 +18,7 @@ from fastcore.meta import delegates
 import matplotlib.pyplot as plt
 from .core import *
 from .core import _mix_targets
-from .callback import MixHandler, check_flag
+from .callback import MixHandler
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
@@ -235,7 +235,7 @@ class ManifoldMixup(MixHandler):
             pend.lam.copy_(round_share(pend.lam, [t])); pend.dtypes.add(t.dtype)
             for y, m in zip(pend.yb, pend.ym):
                 if y.is_floating_point(): m.copy_(lerp_mix(y, pend.perm, pend.lam))
-        return lerp_mix(t, pend.perm, pend.lam)
+        return lerp_mix(t, pend.perm, pend.lam, exact=False) # `exact` writes with `out=`, which autograd refuses
 
     @delegates(MixHandler.show_batch)
     def show_batch(self, dls=None, show:bool=True, **kwargs):

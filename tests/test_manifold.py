@@ -253,7 +253,7 @@ def test_export_load(tmp_path):
 @pytest.mark.parametrize('kwargs,err,msg', [
     (dict(alpha=0), ValueError, 'alpha must be'), (dict(p=2), ValueError, 'p must be a number in'),
     (dict(module_list=[]), TypeError, 'module_list must be None'), (dict(module_list=[3]), TypeError, 'module_list must be None'),
-    (dict(use_input_mixup=1), ValueError, 'use_input_mixup must be True or False')])
+    (dict(use_input_mixup=1), TypeError, 'use_input_mixup must be True or False')])
 def test_bad_args(kwargs, err, msg):
     with pytest.raises(err, match=msg): ManifoldMixup(**kwargs)
 
