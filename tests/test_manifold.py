@@ -31,6 +31,11 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    "Every test draws from the same seeded streams (and leaves the global ones as they were)"
+    with no_random(0): yield
+
 # --- three small learners: a CNN of residual blocks, a TabularModel (categorical + continuous), an AWD-LSTM classifier
 
 def cnn_learner(cbs=None, block='fastai', loss_func=None, **kwargs):
