@@ -167,6 +167,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'fastai_mix.manifold': { 'fastai_mix.manifold.ManifoldMixup': ('manifold.html#manifoldmixup', 'fastai_mix/manifold.py'),
                                      'fastai_mix.manifold.ManifoldMixup.__init__': ( 'manifold.html#manifoldmixup.__init__',
                                                                                      'fastai_mix/manifold.py'),
+                                     'fastai_mix.manifold.ManifoldMixup.__repr__': ( 'manifold.html#manifoldmixup.__repr__',
+                                                                                     'fastai_mix/manifold.py'),
                                      'fastai_mix.manifold.ManifoldMixup._blend': ( 'manifold.html#manifoldmixup._blend',
                                                                                    'fastai_mix/manifold.py'),
                                      'fastai_mix.manifold.ManifoldMixup._check_batch': ( 'manifold.html#manifoldmixup._check_batch',

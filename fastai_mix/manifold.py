@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from fastai.callback.core import Callback
 from fastai.layers import ResBlock, LinBnDrop
 from fastai.losses import BaseLoss
 from fastai.tabular.model import TabularModel
@@ -164,6 +163,9 @@ class ManifoldMixup(MixHandler):
         super().__init__(alpha, p, stop_pct)
         self.module_list, self.use_input_mixup = check_module_list(module_list), check_flag(use_input_mixup, 'use_input_mixup')
 
+    _repr_args = ('alpha', 'module_list', 'use_input_mixup', 'p', 'stop_pct')
+    def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._repr_args)})"
+
     def _init_state(self):
         self._drop_hooks()
         super()._init_state()
@@ -256,6 +258,7 @@ class OutputMixup(ManifoldMixup):
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
     ): super().__init__(alpha, None, False, p, stop_pct)
+    _repr_args = ('alpha', 'p', 'stop_pct')
 
     def places(self, model:nn.Module, xb=None) -> list[Place]:
         "The logits: the model's output, or for a fastai text classifier the output of its head's layers"
