@@ -378,6 +378,8 @@ def test_show_batch():
 
 # --- properties
 
+EPS = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 9), d=st.integers(1, 6), alpha=st.floats(.05, 8.), p=st.sampled_from([0., .3, 1.]) | st.floats(0., 1.),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
@@ -389,19 +391,22 @@ def test_property_hidden_blend(n, d, alpha, p, dtype, seed):
     learn = SimpleNamespace(training=True, xb=(x,), model=model, loss_func=None, cbs=[])
     mixer = ManifoldMixup(alpha, module_list=[model[0]], use_input_mixup=False, p=p)
     object.__setattr__(mixer, 'learn', learn)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        (xm, ym), perm, lam = mixer.mix(learn.xb, (y,))
-    assert xm is learn.xb
-    raw = []
-    h = model[0].register_forward_hook(lambda m, a, o: raw.append(o.detach().clone())) # runs before the mixer's (set earlier... no: after)
+    seen = {}
+    def grab(key): return lambda m, a, o: seen.__setitem__(key, o.detach().clone()) # returns None: changes nothing
+    h1 = model[0].register_forward_hook(grab('raw')) # set before the mixer's: sees the raw output
+    (xm, ym), perm, lam = mixer.mix(learn.xb, (y,))
+    h2 = model[0].register_forward_hook(grab('mixed')) # after it: sees the blend
+    assert xm is learn.xb # the inputs are left as they are
     out = model(x)
-    h.remove()
+    h1.remove(); h2.remove()
     eq_(hooks(model), {})
     eq_(sorted(perm.tolist()), list(range(n)))
     assert ((lam >= .5) & (lam <= 1)).all() and torch.isfinite(lam).all()
     if p == 0: eq_(lam, torch.ones(n))
-    if dtype in (torch.float16, torch.bfloat16): eq_(lam, lam.to(dtype).float())
+    if dtype in (torch.float16, torch.bfloat16): eq_(lam, lam.to(dtype).float()) # the shares are numbers of the activation's dtype
+    raw, mixed = seen['raw'], seen['mixed']
+    eq_(mixed.dtype, dtype)
+    close_(mixed.double(), torch.lerp(raw[perm].double(), raw.double(), lam.double()[:, None]), eps=EPS[dtype])
     close_(ym[0], lam[:, None] * y + (1 - lam[:, None]) * y[perm], eps=1e-6)
     eq_(out.dtype, dtype)
 
@@ -411,10 +416,12 @@ def test_property_hidden_blend(n, d, alpha, p, dtype, seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('kind', ['cnn', 'tab'])
 @pytest.mark.parametrize('mixer', [ManifoldMixup, OutputMixup])
-def test_cuda_no_host_sync(kind, mixer):
+@pytest.mark.parametrize('fp16', [False, True], ids=['fp32', 'fp16'])
+def test_cuda_no_host_sync(kind, mixer, fp16):
     "A training step's draws, hooks, blend and mixed loss never wait on the GPU"
     learn = LEARNERS[kind](cbs=mixer())
     learn.dls.to('cuda'); learn.model.cuda()
+    if fp16: learn.to_fp16()
     class SyncCheck(Callback):
         order = -5
         def before_batch(self): torch.cuda.set_sync_debug_mode('error')
@@ -432,3 +439,18 @@ def test_vision_learner_places(arch, names):
     from fastai.vision.learner import vision_learner
     learn = vision_learner(synth_dls(shape=(3, 32, 32)), getattr(tvm, arch), pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
     eq_([p.name for p in mixable_places(learn.model, (torch.rand(2, 3, 32, 32),))], names)
+
+def test_half_activation_rounds_shares():
+    "An activation in a half dtype the shares were not rounded through (a cast inside the model): the shares and dense targets are rounded to match"
+    class Cast(nn.Module):
+        def forward(self, x): return x.bfloat16()
+    model = nn.Sequential(nn.Linear(3, 4), Cast(), nn.Linear(4, 2).bfloat16())
+    x, y = torch.randn(8, 3), torch.rand(8, 2)
+    learn = SimpleNamespace(training=True, xb=(x,), model=model, loss_func=None, cbs=[])
+    mixer = ManifoldMixup(alpha=1., module_list=[model[1]], use_input_mixup=False)
+    object.__setattr__(mixer, 'learn', learn)
+    (xm, ym), perm, lam = mixer.mix(learn.xb, (y,))
+    assert not torch.equal(lam, lam.bfloat16().float()) # float32 inputs, no autocast: not rounded yet
+    model(x)
+    eq_(lam, lam.bfloat16().float()) # rounded in place: the loss sees the share the blend used
+    close_(ym[0], lam[:, None] * y + (1 - lam[:, None]) * y[perm], eps=1e-6)
