@@ -3,3 +3,4 @@ __version__ = "0.1.0"
 from .core import *
 from .callback import *
 from .show import *
+from .fmix import *
