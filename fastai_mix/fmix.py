@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_fmix.ipynb #f5a00002
 from __future__ import annotations
-import math, numbers
+import math
 from collections.abc import Sequence
 import torch
 from torch import Tensor
@@ -20,15 +20,17 @@ __all__ = ['check_decay_power', 'check_max_soft', 'fourier_freqs', 'fourier_nois
 # %% ../nbs/05_fmix.ipynb #f5a00006
 def check_decay_power(decay_power) -> float:
     "Return `decay_power` as a float, or raise `ValueError` unless it is a finite number > 0"
-    if isinstance(decay_power, bool) or not isinstance(decay_power, numbers.Real) or not math.isfinite(decay_power) or decay_power <= 0:
+    v = as_real(decay_power)
+    if v is None or not math.isfinite(v) or v <= 0:
         raise ValueError(f"decay_power must be a finite number > 0 (the noise's amplitude falls as 1/freq**decay_power; the paper uses 3), got {decay_power!r}")
-    return float(decay_power)
+    return v
 
 def check_max_soft(max_soft) -> float:
     "Return `max_soft` as a float, or raise `ValueError` unless it is a number in [0, 0.5]"
-    if isinstance(max_soft, bool) or not isinstance(max_soft, numbers.Real) or not 0 <= max_soft <= .5:
+    v = as_real(max_soft)
+    if v is None or not 0 <= v <= .5:
         raise ValueError(f"max_soft must be a number in [0, 0.5] (the share of the positions blended on each side of the region's edge; 0: a hard edge), got {max_soft!r}")
-    return float(max_soft)
+    return v
 
 # %% ../nbs/05_fmix.ipynb #f5a00009
 def fourier_freqs(
@@ -119,7 +121,7 @@ def fmix(
     size, n, dev = _fmix_size(xs), len(ref), ref.device
     P = math.prod(size)
     if per_sample:
-        if p == 0: return _unmixed(x, y, ref)
+        if p == 0: return _unmixed(x, y, ref, per_sample=True)
         num = (beta_sample(alpha, n, dev, generator) * P).round().long() # positions the original keeps, drawn on the device
         if p < 1: num = torch.where(torch.rand(n, device=dev, generator=generator) < p, num, P)
         lam, num_b = num.float() / P, num.view(n, *[1] * len(size))

@@ -133,7 +133,7 @@ def test_soft_mask_mean_exact_in_every_dtype(dtype):
         m = soft_mask(ranks, num, max_soft, dtype)
         eq_(m.dtype, dtype); assert ((m >= 0) & (m <= 1)).all()
         eq_(m.double().flatten(1).sum(1), num.double())
-        hard = ranks.flatten(1) < num[:, None] # the positions masks of class indices give the original: never less than half its
+        hard = ranks.flatten(1) < num[:, None] # the positions masks of class indices give the original: never less than half
         assert (m.flatten(1)[hard] >= .5).all() and (m.flatten(1)[~hard] <= .5).all()
     for n in num.tolist(): eq_(soft_mask(ranks, n, .1, dtype).double().flatten(1).sum(1), torch.full((6,), float(n), dtype=torch.float64))
 
@@ -227,11 +227,16 @@ def test_loss_restored_when_model_raises():
     (dict(decay_power=0), r'decay_power must be a finite number > 0.*got 0'), (dict(decay_power=float('inf')), 'decay_power must be'),
     (dict(decay_power='3'), 'decay_power must be'), (dict(max_soft=-.1), r'max_soft must be a number in \[0, 0.5\].*got -0.1'),
     (dict(max_soft=.6), 'max_soft must be'), (dict(max_soft=True), 'max_soft must be'), (dict(p=1.5), r'p must be a number in \[0, 1\]'),
-    (dict(per_sample=1), 'per_sample must be True or False'), (dict(stop_pct=-1), 'stop_pct must be')])
+    (dict(stop_pct=-1), 'stop_pct must be')])
 def test_bad_args_at_construction_and_call(kwargs, msg):
     with pytest.raises(ValueError, match=msg): FMix(**kwargs)
     if 'stop_pct' not in kwargs:
         with pytest.raises(ValueError, match=msg): fmix(torch.rand(4, 3, 8, 8), **kwargs)
+
+def test_per_sample_must_be_a_bool():
+    for bad in (1, 'yes', None):
+        with pytest.raises(TypeError, match='per_sample must be True or False'): FMix(per_sample=bad)
+        with pytest.raises(TypeError, match='per_sample must be True or False'): fmix(torch.rand(4, 3, 8, 8), per_sample=bad)
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r'shape \(4, 12\), which has none: use MixUp'): fmix(torch.rand(4, 12))
