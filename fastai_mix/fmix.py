@@ -100,9 +100,9 @@ def paste_mask(
     mask:Tensor, # Share of the original at each position, (n or 1, *size): boolean (True: the original's) or float (blended)
 ) -> Tensor:
     "Each sample with its partner's values where `mask` is off (blended where it is a float between), as a new tensor in `x`'s memory format"
-    m, out = _expand(mask, x, mask.ndim - 1), torch.empty_like(x)
-    if mask.dtype == torch.bool: return torch.where(m, x, gather(x, perm), out=out)
-    return torch.lerp(gather(x, perm), x, m.to(x.dtype), out=out)
+    m, out = _expand(mask, x, mask.ndim - 1), gather(x, perm) # the partners, a new tensor, which the original is then written over
+    if mask.dtype == torch.bool: return torch.where(m, x, out, out=out) # into the gathered tensor: one new buffer, not two (much faster on the CPU)
+    return torch.lerp(out, x, m.to(x.dtype), out=out)
 
 def fmix(
     x:Tensor|Sequence[Tensor], # Batch with 1 to 3 spatial dims, or the inputs of a model with several inputs
