@@ -11,7 +11,7 @@ from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
 from fastai.torch_core import no_random
 import fastai.callback.fp16  # noqa: F401  (to_fp16, to_bf16)
-from fastai_mix import FMix, fmix, fourier_noise, fourier_freqs, rank_positions, soft_mask, MixChoice, CutMix, MixHandler, mix_title
+from fastai_mix import FMix, fmix, fourier_noise, fourier_freqs, rank_positions, soft_mask, MixChoice, CutMix, MixHandler, MixCollate, mix_title
 from fastai_mix.show import untouched
 from fastai_mix.test_utils import synth_learner, synth_seg_learner, MixSpy, paste_shares
 from test_properties import SETTINGS, EPS, alphas, shares, batches, check_common, check_loss, paste_props
@@ -192,6 +192,25 @@ def test_with_choice_schedules_p_and_stop_pct():
     spy = MixSpy()
     synth_learner(cbs=[FMix(stop_pct=.5), spy], n=64, bs=16).fit(2, lr=0)
     eq_([r['lam'] is not None for r in spy.records], [True] * 4 + [False] * 4)
+
+def test_in_a_dataloader_collate():
+    "MixCollate(fmix, ...) in a plain PyTorch DataLoader: the blended one-hot targets carry the shares read back from the pixels"
+    from torch.utils.data import DataLoader as TorchDL
+    g = torch.Generator().manual_seed(0)
+    samples = [(i + .5 * torch.rand(3, 12, 12, generator=g), i % 4) for i in range(32)] # samples never share a value
+    dl = TorchDL(samples, batch_size=8, collate_fn=MixCollate(fmix, num_classes=4, per_sample=True, generator=torch.Generator().manual_seed(0)))
+    mixed = 0
+    for b, (xm, ym) in enumerate(dl):
+        ids = xm.floor().long()[:, 0] # whose value each position holds
+        for i in range(8):
+            own = 8 * b + i
+            share = (ids[i] == own).float().mean()
+            partner = ids[i][ids[i] != own].unique().tolist() or [own]
+            assert len(partner) == 1 and 8 * b <= partner[0] < 8 * b + 8 # one partner, from the same batch
+            exp = share * F.one_hot(torch.tensor(own % 4), 4) + (1 - share) * F.one_hot(torch.tensor(partner[0] % 4), 4)
+            close_(ym[i], exp.float(), eps=1e-6)
+            mixed += 0 < share < 1
+    assert mixed > 8
 
 @pytest.mark.parametrize('precision', ['to_fp16', 'to_bf16'])
 def test_mixed_precision_export_and_repr(precision, tmp_path):
