@@ -121,8 +121,8 @@ def fmix(
     size, n, dev = _fmix_size(xs), len(ref), ref.device
     P = math.prod(size)
     if per_sample:
-        if p == 0: return _unmixed(x, y, ref, per_sample=True)
-        num = (beta_sample(alpha, n, dev, generator) * P).round().long() # positions the original keeps, drawn on the device
+        if p == 0 or n == 0: return _unmixed(x, y, ref, per_sample=True)
+        num = (beta_sample(alpha, n, dev, generator) * P).round().long().clamp(0, P) # positions the original keeps, drawn on the device
         if p < 1: num = torch.where(torch.rand(n, device=dev, generator=generator) < p, num, P)
         lam, num_b = num.float() / P, num.view(n, *[1] * len(size))
     else:
@@ -154,5 +154,5 @@ class FMix(MixHandler):
         self.decay_power, self.max_soft = check_decay_power(decay_power), check_max_soft(max_soft)
         self.per_sample = check_flag(per_sample, 'per_sample')
     __repr__ = basic_repr('alpha,decay_power,max_soft,p,per_sample,stop_pct')
-    def mix(self, xb, yb, inplace=None): # never in place: the pasted region is as large as the input
+    def mix(self, xb, yb, inplace=None): # never in place: the region may hold any position, so the partners are gathered into a new tensor anyway
         return fmix(xb, self.current('alpha'), self.decay_power, self.max_soft, p=self.current('p'), per_sample=self.per_sample, y=yb)
