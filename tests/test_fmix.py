@@ -11,10 +11,10 @@ from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
 from fastai.torch_core import no_random
 import fastai.callback.fp16  # noqa: F401  (to_fp16, to_bf16)
-from fastai_mix import FMix, fmix, fourier_noise, fourier_freqs, rank_positions, soft_mask, MixChoice, CutMix, MixHandler, MixCollate, mix_title
+from fastai_mix import FMix, fmix, fourier_noise, fourier_freqs, rank_positions, soft_mask, MixChoice, CutMix, MixCollate, mix_title
 from fastai_mix.show import untouched
 from fastai_mix.test_utils import synth_learner, synth_seg_learner, MixSpy, paste_shares
-from test_properties import SETTINGS, EPS, alphas, shares, batches, check_common, check_loss, paste_props
+from test_properties import SETTINGS, alphas, shares, batches, check_common, check_loss, paste_props
 from test_show import named_dls, shown, VOCAB
 
 SHAPES = [(2, 30), (3, 12, 16), (1, 6, 8, 10)] # signals, images, volumes
