@@ -200,12 +200,15 @@ def gather(x:Tensor, perm:Tensor) -> Tensor:
     "`x[perm]`, as a row gather (`index_select`, several times faster on the CPU) when `x` is contiguous; keeps other layouts"
     return x.index_select(0, perm) if x.is_contiguous() else x[perm]
 
+_fused = {} # core function -> fused kernel, set by `fastai_mix.kernels.use_fused_kernels`; a kernel returns None where it does not apply
+
 def lerp_mix(
     x:Tensor, # Batch, samples on the first dim
     perm:Tensor, # Partner of each sample
     lam:float|Tensor, # Share of the original: one float, or one per sample
 ) -> Tensor:
     "`lam*x + (1-lam)*x[perm]` in a new tensor with `x`'s dtype and memory format"
+    if _fused and (out := _fused['lerp_mix'](x, perm, lam)) is not None: return out
     if isinstance(lam, Tensor): lam = lam.to(x.dtype).view(-1, *[1]*(x.ndim-1))
     return gather(x, perm).lerp_(x, lam)
 
@@ -265,6 +268,7 @@ def paste_box(
     inplace:bool=False, # Paste into `x` itself instead of a copy
 ) -> Tensor:
     "Paste the `box` of each sample's partner `x[perm]` into it"
+    if _fused and (out := _fused['paste_box'](x, perm, box, inplace)) is not None: return out
     idx = (slice(None),) * (x.ndim - len(box)) + tuple(box) # (N, C, *box), or (N, *box) for a mask
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     out[idx] = x[idx].index_select(0, perm) # the partners' boxes are gathered first: `out` may be `x`
@@ -337,6 +341,7 @@ def paste_boxes(
     mask:Tensor, # Boolean (n, *size), True inside each sample's box
 ) -> Tensor:
     "Each sample with its own box of its partner pasted in, as a new tensor"
+    if _fused and (out := _fused['paste_boxes'](x, perm, mask)) is not None: return out
     return torch.where(_expand(mask, x, mask.ndim - 1), gather(x, perm), x)
 
 def resize_into_boxes(
