@@ -82,10 +82,11 @@ class _on_device:
 
 # %% ../nbs/06_kernels.ipynb #e0341968
 @_jit
-def _lerp_kernel(x, perm, lam, out, w, M, PER_SAMPLE: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _lerp_kernel(x, perm, lam, out, w, M, n_jb, PER_SAMPLE: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
     "out[i] = lerp(x[perm[i]], x[i], w_i), each sample a row of M elements, computed as PyTorch's lerp: float32, one rounding"
-    i = tl.program_id(1)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    i = pid // n_jb
+    j = (pid % n_jb) * BLOCK + tl.arange(0, BLOCK)
     ok = j < M
     row, prow = i.to(tl.int64) * M, tl.load(perm + i).to(tl.int64) * M
     a = tl.load(x + prow + j, mask=ok).to(tl.float32) # the partner (lerp's start)
@@ -113,10 +114,10 @@ def _lerp(x, perm, lam) -> Tensor:
         if lam.dtype not in (torch.float32, x.dtype): lam = lam.to(x.dtype) # rounded as lerp_mix rounds it (float32 is rounded in the kernel)
         lam = lam.contiguous()
     block = min(_p2(m), 4096)
-    xp = _plain(x)
+    n_jb, xp = triton.cdiv(m, block), _plain(x)
     with _on_device(x):
-        _lerp_kernel[(triton.cdiv(m, block), n)](xp, perm, lam if per_sample else xp, _plain(out), 0. if per_sample else float(lam), m,
-                                                 PER_SAMPLE=per_sample, KIND=_kinds[x.dtype], BLOCK=block)
+        _lerp_kernel[(n * n_jb,)](xp, perm, lam if per_sample else xp, _plain(out), 0. if per_sample else float(lam), m, n_jb,
+                                  PER_SAMPLE=per_sample, KIND=_kinds[x.dtype], BLOCK=block)
     return out
 
 def fused_lerp_mix(

@@ -205,6 +205,35 @@ else: # ---------------------------------------------------------------- this pr
         "The PyTorch path is the default: nothing routes through the kernels until asked"
         assert core._fused == {} and not K.fused_kernels_on()
 
+    # The interpreter does not check what only the GPU compiler checks (types, layouts, the barrier): each kernel is compiled
+    # here, without a GPU, for an H100 (sm_90) by Triton's own compiler and ptxas, and its PTX is read.
+    I32 = lambda names: {n: 'i32' for n in names.split()}
+    VARIANTS = {
+        'lerp-bf16': (lambda: K._lerp_kernel, dict(x='*bf16', perm='*i64', lam='*fp32', out='*bf16', w='fp32', **I32('M n_jb')),
+                      dict(PER_SAMPLE=True, KIND=2, BLOCK=1024), ['fma.rn.f32']),
+        'lerp-fp16-float': (lambda: K._lerp_kernel, dict(x='*fp16', perm='*i64', lam='*fp16', out='*fp16', w='fp32', **I32('M n_jb')),
+                            dict(PER_SAMPLE=False, KIND=1, BLOCK=1024), ['fma.rn.f32']),
+        'lerp-fp32': (lambda: K._lerp_kernel, dict(x='*fp32', perm='*i64', lam='*fp32', out='*fp32', w='fp32', **I32('M n_jb')),
+                      dict(PER_SAMPLE=True, KIND=0, BLOCK=1024), ['fma.rn.f32']),
+        'paste': (lambda: K._paste_kernel, dict(x='*i32', perm='*i64', out='*i32', mask='*i32', **I32('M R L S1 S2 LO0 HI0 LO1 HI1 LO2 HI2 LO3 HI3 MS MS0 MS1 MS2 MSL n_rb n_lb')),
+                  dict(MASKED=False, INNER=1, BLOCK_R=16, BLOCK_L=256), []),
+        'paste-mask': (lambda: K._paste_kernel, dict(x='*i16', perm='*i64', out='*i16', mask='*u8', **I32('M R L S1 S2 LO0 HI0 LO1 HI1 LO2 HI2 LO3 HI3 MS MS0 MS1 MS2 MSL n_rb n_lb')),
+                       dict(MASKED=True, INNER=3, BLOCK_R=16, BLOCK_L=256), []),
+        'paste-inplace': (lambda: K._paste_inplace_kernel, dict(x='*i32', perm='*i64', **I32('N M B1 B2 LO0 LO1 LO2 ST0 ST1 ST2 LOL W n_jb')),
+                          dict(BLOCK_N=64, BLOCK_J=128), ['bar.sync']),
+    }
+
+    @pytest.mark.parametrize('variant', VARIANTS)
+    def test_kernels_compile_for_the_gpu(variant, monkeypatch, tmp_path):
+        "Each kernel compiles for sm_90; the blend has its single-rounding fma, the in-place paste its barrier"
+        from triton.compiler import ASTSource
+        from triton.backends.compiler import GPUTarget
+        monkeypatch.setenv('TRITON_CACHE_DIR', str(tmp_path)) # nothing lands in $HOME
+        fn, sig, const, expect = VARIANTS[variant]
+        k = triton.compile(ASTSource(fn(), {**sig, **{c: 'constexpr' for c in const}}, const), target=GPUTarget('cuda', 90, 32))
+        assert k.asm.get('cubin'), 'ptxas made no binary'
+        for e in expect: assert e in k.asm['ptx'], e
+
     cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
     @pytest.mark.cuda
