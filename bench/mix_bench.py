@@ -63,7 +63,9 @@ def references() -> dict:
 OURS = {'fastai_mix MixUp': ('mixup', MixUp), 'fastai_mix CutMix': ('cutmix', CutMix),
         'fastai_mix CutMix inplace': ('cutmix', partial(CutMix, inplace=True)),
         'fastai_mix CutMix per_sample': ('cutmix per sample', partial(CutMix, per_sample=True)),
+        'fastai_mix CutMix inplace': ('cutmix', partial(CutMix, inplace=True)),
         'fastai_mix ResizeMix': ('resizemix', ResizeMix),
+        'fastai_mix ResizeMix inplace': ('resizemix', partial(ResizeMix, inplace=True)),
         'fastai_mix ResizeMix per_sample': ('resizemix per sample', partial(ResizeMix, per_sample=True))}
 
 def fused(cls):

@@ -5,29 +5,28 @@
 # %% ../nbs/01_callback.ipynb #f01cb10d
 from __future__ import annotations
 from collections.abc import Sequence
-import inspect, numbers
+import inspect, numbers, hashlib
+from contextlib import contextmanager
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
+from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
-from .core import _unmixed
-def check_flag(value, name:str) -> bool: # TEMP until the core's lands
-    if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
+from .core import _unmixed, _inputs
 
 # %% auto #0
-__all__ = ['check_flag', 'mixes_loss', 'check_targets', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix', 'MixChoice']
+__all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
+           'MixChoice']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
-    "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`), so the loss is mixed for it"
-    return not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
+    "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`, if any), so the loss is mixed for it"
+    return not y.is_floating_point() and (ref is None or not is_mask(y, len(ref), ref.shape[2:]))
 
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
-    ref = next(x for x in xb if x.is_floating_point())
+    ref = next((x for x in xb if x.is_floating_point()), None)
     return any(_is_index(y, ref) for y in yb)
 
 def check_targets(yb:Sequence, caller:str='MixHandler'):
@@ -56,6 +55,32 @@ def _scheduled(learn, name:str):
 
 def _loss_itself(loss_func): return loss_func
 
+def rank_seed() -> int|None:
+    "Under distributed training, a seed for this rank's mixing draws: from the global CPU random state (not advanced) and the rank; None in one process"
+    if num_distrib() <= 1: return None
+    h = hashlib.blake2b(torch.get_rng_state().numpy().tobytes(), digest_size=8, person=b'fastai_mix')
+    h.update(rank_distrib().to_bytes(4, 'little'))
+    return int.from_bytes(h.digest(), 'little') >> 1
+
+def _seeded_state(seed:int, device) -> Tensor:
+    return torch.Generator(device).manual_seed(seed).get_state()
+
+@contextmanager
+def rank_draws(mixer, device):
+    "Run the draws of `mixer` from its own rank's random streams (CPU and `device`), then put the global streams back as they were"
+    seed = mixer._rank_seed
+    if seed is None: yield; return
+    cuda = torch.device(device).type == 'cuda'
+    if mixer._rank_states is None: mixer._rank_states = (_seeded_state(seed, 'cpu'), _seeded_state(seed, device) if cuda else None)
+    saved = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None) # host-side copies: no device sync
+    torch.set_rng_state(mixer._rank_states[0])
+    if cuda: torch.cuda.set_rng_state(mixer._rank_states[1], device)
+    try: yield
+    finally:
+        mixer._rank_states = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None)
+        torch.set_rng_state(saved[0])
+        if cuda: torch.cuda.set_rng_state(saved[1], device)
+
 class MixedLoss:
     "The learner's `loss_func` from `after_pred` to the batch's loss call: mixes that call, and stands for the original loss otherwise"
     def __init__(self, mixer, loss_func): object.__setattr__(self, 'mixer', mixer); object.__setattr__(self, 'loss_func', loss_func)
@@ -72,7 +97,8 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok') # per-batch state and the last loss checked: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_rank_seed', '_rank_states') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
+    _rank_seed = _rank_states = None # this rank's random streams under distributed training
     _choice = None # the `MixChoice` that holds this mixer, if any
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
@@ -122,8 +148,9 @@ class MixHandler(Callback):
         xb, yb = self.learn.xb, self.learn.yb
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
-        (xm, ym), perm, lam = self.mix(xb, yb)
-        ref = next(o for o in xm if o.is_floating_point())
+        ref = next((o for o in xb if isinstance(o, Tensor) and o.is_floating_point()), None) # the inputs whose spatial size tells masks
+        dev = next((o for o in (ref, *xb, *yb) if isinstance(o, Tensor)), yb[0]).device
+        with rank_draws(self, dev): (xm, ym), perm, lam = self.mix(xb, yb) # under distributed training, each rank its own draws
         index = [_is_index(y, ref) for y in yb]
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
@@ -155,7 +182,9 @@ class MixHandler(Callback):
 
     def after_loss(self): self._restore_loss()
     def after_batch(self): self._reset()
-    def before_fit(self): self._reset() # after a fit ended by an interrupt inside the loss swap
+    def before_fit(self):
+        self._reset() # after a fit ended by an interrupt inside the loss swap
+        self._rank_seed, self._rank_states = rank_seed(), None # same seed and world size, same draws on each rank
     def before_train(self):
         others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler) and cb is not self]
         if others: raise ValueError(f"One mixing callback per learner: {type(self).__name__} found {', '.join(others)} on the learner too. "
@@ -224,13 +253,6 @@ def _select(sel:Tensor, a, b):
     if not isinstance(b, Tensor): b = torch.full((len(sel),), float(b), device=sel.device)
     return torch.where(sel.view(len(sel), *[1] * (a.ndim - 1)), a, b)
 
-def _weight(w) -> float|None:
-    "`w` as a float when it is a finite real number >= 0 (Python, numpy or a one-element tensor), else None"
-    if isinstance(w, Tensor) and w.numel() == 1 and not w.is_complex() and w.dtype != torch.bool: w = w.item()
-    if isinstance(w, bool) or not isinstance(w, numbers.Real): return None
-    w = float(w)
-    return w if 0 <= w < float('inf') else None
-
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
     _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
@@ -245,8 +267,8 @@ class MixChoice(MixHandler):
         self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
         bad = [m for m in self.mixers if not isinstance(m, MixHandler) or isinstance(m, MixChoice)]
         if not self.mixers or bad: raise TypeError(f"mixers must be a non-empty list of mixer instances such as [MixUp(), CutMix()], got {mixers!r}")
-        w = [1.] * len(self.mixers) if weights is None else [_weight(o) for o in weights]
-        if len(w) != len(self.mixers) or None in w or sum(w) <= 0:
+        w = [1.] * len(self.mixers) if weights is None else [as_real(o) for o in weights]
+        if len(w) != len(self.mixers) or any(o is None or not 0 <= o < float('inf') for o in w) or sum(w) <= 0:
             raise ValueError(f"weights must be {len(self.mixers)} finite numbers >= 0, not all 0, one per mixer; got {weights!r}")
         self.weights, self.per_sample = [o / sum(w) for o in w], check_flag(per_sample, 'per_sample')
         for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
@@ -265,7 +287,7 @@ class MixChoice(MixHandler):
 
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
-        chances, ref = self._chances(), next(o for o in xb if o.is_floating_point())
+        chances, (_, _, ref) = self._chances(), _inputs(xb, None, 'MixChoice') # a clear error for inputs it cannot mix
         if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:
             k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw

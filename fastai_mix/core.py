@@ -4,32 +4,50 @@
 
 # %% ../nbs/00_core.ipynb #f0433250
 from __future__ import annotations
-import math, numbers, inspect
+import math, numbers, inspect, reprlib, functools
 from functools import partial
 from collections.abc import Sequence
+import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import get_worker_info
 from fastai.layers import NoneReduce
 from fastai.losses import BaseLoss
+from fastai.torch_core import TensorMask
 
 # %% auto #0
-__all__ = ['check_alpha', 'check_share', 'reduce_loss', 'loss_reduction', 'mix_loss', 'beta_sample', 'check_minmax', 'is_mask',
-           'mixup_lam', 'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box',
-           'minmax_box', 'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes', 'resize_into_boxes', 'cutmix',
-           'check_lam_range', 'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
+__all__ = ['as_real', 'check_alpha', 'check_share', 'check_flag', 'reduce_loss', 'loss_reduction', 'mix_loss', 'beta_sample',
+           'check_minmax', 'is_mask', 'mixup_lam', 'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share',
+           'cutmix_box', 'paste_box', 'minmax_box', 'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes',
+           'nearest_index', 'resize_into_boxes', 'cutmix', 'check_lam_range', 'check_interpolation', 'resize_box',
+           'paste_resized', 'resizemix', 'MixCollate']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
+def as_real(value) -> float|None:
+    "`value` as a float when it is a real number (a Python or numpy number, a 0-d real tensor or array; not a bool), else None"
+    if isinstance(value, (bool, np.bool_)): return None
+    if isinstance(value, numbers.Real): return float(value)
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool: return float(value.item())
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in 'iuf': return float(value)
+    return None
+
 def check_alpha(alpha, name:str='alpha') -> float:
     "Return `alpha` as a float, or raise `ValueError` unless it is a finite number > 0"
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+    v = as_real(alpha)
+    if v is None or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0 (the Beta(alpha, alpha) concentration), got {alpha!r}")
-    return float(alpha)
+    return v
 
 def check_share(value, name:str) -> float:
     "Return `value` as a float, or raise `ValueError` unless it is a number in [0, 1]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    v = as_real(value)
+    if v is None or not 0 <= v <= 1: raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return v
+
+def check_flag(value, name:str) -> bool:
+    "Return `value` as a bool, or raise `TypeError` unless it is one (Python's or numpy's; not a string, a number or None)"
+    if isinstance(value, (bool, np.bool_)): return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} (a {type(value).__name__})")
 
 # %% ../nbs/00_core.ipynb #15269b16
 _reductions = ('mean', 'sum', 'none')
@@ -81,14 +99,17 @@ def mix_loss(
     lam:float|Tensor, # Share of the original: one float, or one per sample
 ) -> Tensor:
     "`loss_func` against both targets, weighted by the shares and normalised as `loss_func` normalises"
-    if not isinstance(lam, Tensor): return torch.lerp(_plain(loss_func(pred, *yb1)), _plain(loss_func(pred, *yb)), lam)
+    if not isinstance(lam, Tensor):
+        loss = _plain(loss_func(pred, *yb))
+        return loss if lam == 1 else torch.lerp(_plain(loss_func(pred, *yb1)), loss, lam)
     reduction, cw = loss_reduction(loss_func), _class_weights(loss_func)
     with NoneReduce(loss_func) as lf: loss, loss1 = lf(pred, *yb), lf(pred, *yb1)
     loss, loss1 = _plain(loss), _plain(loss1) # fastai's tensor subclasses cost a Python call per op
     if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample shares need one loss per sample")
     n = len(lam)
     w = lam.to(loss.dtype).view(n, 1)
-    mixed = torch.lerp(loss1.reshape(n, -1), loss.reshape(n, -1), w)
+    l0 = loss.reshape(n, -1)
+    mixed = torch.where(w == 1, l0, torch.lerp(loss1.reshape(n, -1), l0, w)) # a sample left alone is its own loss, whatever its partner's
     if reduction == 'mean' and cw is not None and len(yb) == 1 and not yb[0].is_floating_point():
         tw, tw1 = _target_weights(cw, yb[0]).reshape(n, -1), _target_weights(cw, yb1[0]).reshape(n, -1)
         return mixed.sum() / torch.lerp(tw1, tw, w.to(tw.dtype)).sum().to(mixed.dtype)
@@ -116,10 +137,20 @@ def beta_sample(
     return torch._sample_dirichlet(torch.full((n, 2), float(alpha), device=device), generator=generator)[:, 0]
 
 # %% ../nbs/00_core.ipynb #63c3ce22
-def _as_list(x) -> tuple[list[Tensor], bool]:
+def _typename(o) -> str:
+    t = type(o)
+    return t.__qualname__ if t.__module__ == 'builtins' else f"{t.__module__}.{t.__qualname__}"
+
+def _as_list(x, name:str='x') -> tuple[list[Tensor], bool]:
+    "`x` as a list of tensors, and whether it was a single tensor; a message calls it `name`"
     if isinstance(x, Tensor): return [x], True
-    if isinstance(x, Sequence) and len(x) and all(isinstance(o, Tensor) for o in x): return list(x), False
-    raise TypeError(f"x must be a tensor or a non-empty sequence of tensors, got {type(x).__name__}")
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and len(x):
+        for i, o in enumerate(x):
+            if not isinstance(o, Tensor): raise TypeError(f"{name} must be a tensor or a sequence of tensors, but {name}[{i}] is a "
+                                                          f"{_typename(o)}: {reprlib.repr(o)}")
+        return list(x), False
+    what = f"an empty {type(x).__name__}" if isinstance(x, Sequence) and not len(x) else f"a {_typename(x)}"
+    raise TypeError(f"{name} must be a tensor or a non-empty sequence of tensors, got {what}")
 
 def _map_floats(xs:list[Tensor], f, single:bool):
     "Apply `f` once to each distinct floating point tensor of `xs`, keep the others, and give back `xs`'s structure"
@@ -140,7 +171,8 @@ def _inputs(x, generator, caller:str) -> tuple[list[Tensor], bool, Tensor]:
 def check_minmax(minmax) -> tuple|None:
     "Return `minmax` as a pair of floats, or raise `ValueError` unless it is None or (lo, hi) with 0 <= lo <= hi <= 1"
     if minmax is None: return None
-    if not isinstance(minmax, Sequence) or len(minmax) != 2: raise ValueError(f"minmax must be None or a pair (lo, hi) of box side fractions, got {minmax!r}")
+    pair = (isinstance(minmax, Sequence) and not isinstance(minmax, str)) or getattr(minmax, 'ndim', None) == 1 # also an array or a tensor
+    if not pair or len(minmax) != 2: raise ValueError(f"minmax must be None or a pair (lo, hi) of box side fractions, got {minmax!r}")
     lo, hi = check_share(minmax[0], 'minmax[0]'), check_share(minmax[1], 'minmax[1]')
     if lo > hi: raise ValueError(f"minmax must have lo <= hi, got {minmax!r}")
     return lo, hi
@@ -154,14 +186,14 @@ def is_mask(
     n:int, # Batch size
     size:Sequence[int], # Spatial size of the inputs
 ) -> bool:
-    "Whether `t` is a mask of the inputs: (N, *size) or (N, C, *size); a float (N, L) is a dense target, not a mask"
+    "Whether `t` is a mask of the inputs: (N, *size) or (N, C, *size); a float (N, L) is one only as a fastai `TensorMask`"
     k = len(size)
-    return (k > 0 and len(t) == n and tuple(t.shape[t.ndim - k:]) == tuple(size) and t.ndim - k in (1, 2)
-            and (t.ndim >= 3 or not t.is_floating_point()))
+    return (k > 0 and t.ndim - k in (1, 2) and len(t) == n and tuple(t.shape[t.ndim - k:]) == tuple(size)
+            and (t.ndim >= 3 or not t.is_floating_point() or isinstance(t, TensorMask)))
 
 def _mix_targets(y, n:int, size, perm:Tensor, lam, paste, caller:str):
     "Mix the targets `y` as the inputs were: masks by `paste` (None: they are blended), dense float targets by `lam`, class indices kept"
-    ys, single = _as_list(y)
+    ys, single = _as_list(y, 'y')
     def f(t):
         if len(t) != n: raise ValueError(f"{caller}: a target has batch size {len(t)} but the inputs have {n}; targets must have one row per sample")
         if is_mask(t, n, size):
@@ -176,9 +208,10 @@ def _result(mixed, y, n, size, perm, lam, paste, caller) -> tuple:
     "(mixed, perm, lam), with `mixed` the pair (inputs, targets) when targets `y` were given"
     return ((mixed, _mix_targets(y, n, size, perm, lam, paste, caller)) if y is not None else mixed), perm, lam
 
-def _unmixed(x, y, ref:Tensor) -> tuple:
-    "The result for a batch left alone: everything as given, each sample its own partner, all its own share"
-    return ((x, y) if y is not None else x), torch.arange(len(ref), device=ref.device), 1.0
+def _unmixed(x, y, ref:Tensor, per_sample:bool=False) -> tuple:
+    "The result for a batch left alone: everything as given, each sample its own partner and all its own share (a float32 tensor of ones with `per_sample`)"
+    lam = torch.ones(len(ref), device=ref.device) if per_sample else 1.0
+    return ((x, y) if y is not None else x), torch.arange(len(ref), device=ref.device), lam
 
 # %% ../nbs/00_core.ipynb #56e0b0d3
 def mixup_lam(
@@ -206,11 +239,17 @@ def lerp_mix(
     x:Tensor, # Batch, samples on the first dim
     perm:Tensor, # Partner of each sample
     lam:float|Tensor, # Share of the original: one float, or one per sample
+    exact:bool=True, # Also keep a sample of share 1 bit for bit when it holds inf (one more pass over `x`)
 ) -> Tensor:
-    "`lam*x + (1-lam)*x[perm]` in a new tensor with `x`'s dtype and memory format"
-    if _fused and (out := _fused['lerp_mix'](x, perm, lam)) is not None: return out
-    if isinstance(lam, Tensor): lam = lam.to(x.dtype).view(-1, *[1]*(x.ndim-1))
-    return gather(x, perm).lerp_(x, lam)
+    "`lam*x + (1-lam)*x[perm]` in a new tensor with `x`'s dtype and memory format; a sample of share 1 comes back as it was"
+    if _fused and (out := _fused['lerp_mix'](x, perm, lam, exact)) is not None: return out
+    if not isinstance(lam, Tensor): return x.clone(memory_format=torch.preserve_format) if lam == 1 else gather(x, perm).lerp_(x, lam)
+    w = lam.to(x.dtype)
+    one = w == 1
+    perm = torch.where(one, torch.arange(len(x), device=x.device), perm) # its own partner: x - (x - x)*0 is x, whatever the partner holds
+    w, one = w.view(-1, *[1]*(x.ndim-1)), one.view(-1, *[1]*(x.ndim-1))
+    out = gather(x, perm).lerp_(x, w)
+    return torch.where(one, x, out, out=out) if exact else out # inf - inf is NaN: only a copy keeps an inf
 
 # %% ../nbs/00_core.ipynb #d66992e9
 def mixup(
@@ -223,12 +262,12 @@ def mixup(
     "MixUp: blend each sample with a random partner of the batch, one share >= 0.5 per sample"
     alpha, p = check_alpha(alpha), check_share(p, 'p')
     xs, single, ref = _inputs(x, generator, 'mixup')
-    if p == 0: return _unmixed(x, y, ref)
+    if p == 0: return _unmixed(x, y, ref, per_sample=True)
     lam = mixup_lam(len(ref), alpha, ref.device, generator)
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
     if p < 1: lam = torch.where(torch.rand(len(ref), device=ref.device, generator=generator) < p, lam, 1.)
     lam = round_share(lam, xs)
-    mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam), single)
+    mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam, exact=p < 1), single) # p < 1: the samples left alone exactly
     return _result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp')
 
 # %% ../nbs/00_core.ipynb #50a5adab
@@ -340,35 +379,58 @@ def paste_boxes(
     perm:Tensor, # Partner of each sample
     mask:Tensor, # Boolean (n, *size), True inside each sample's box
 ) -> Tensor:
-    "Each sample with its own box of its partner pasted in, as a new tensor"
+    "Each sample with its own box of its partner pasted in, as a new tensor with `x`'s memory format"
     if _fused and (out := _fused['paste_boxes'](x, perm, mask)) is not None: return out
-    return torch.where(_expand(mask, x, mask.ndim - 1), gather(x, perm), x)
+    return torch.where(_expand(mask, x, mask.ndim - 1), gather(x, perm), x, out=torch.empty_like(x))
+
+def nearest_index(
+    lo:Tensor, hi:Tensor, # Each sample's box along one dim, int64 (n,)
+    s:int, # Size of that dim
+    exact:bool=True, # 'nearest-exact' (the pixel centres) or, when False, 'nearest'
+) -> Tensor: # int64 (n, s): at each position inside the box, the source index
+    "The source index `F.interpolate(mode='nearest-exact')` (or 'nearest') reads at each position of each sample's box, in its float32 arithmetic"
+    scale = (torch.full_like(lo, s, dtype=torch.float32) / (hi - lo).clamp(min=1))[:, None] # input / output size in float32, as PyTorch (`s / t` would be s * (1/t))
+    u = (torch.arange(s, device=lo.device) - lo[:, None]).float() # position inside the box (outside: clamped, unused)
+    return ((u + .5) * scale if exact else u * scale).floor().long().clamp(0, s - 1)
+
+def _resize_nearest(src:Tensor, lo:list, hi:list, exact:bool) -> Tensor:
+    "Each sample of `src` (n, ..., *size) resized with nearest into its box: one gather per spatial dim, exact for any dtype"
+    k = len(lo)
+    for d, (a, b) in enumerate(zip(lo, hi)):
+        dim = src.ndim - k + d
+        idx = nearest_index(a, b, src.shape[dim], exact)
+        shape = [len(src)] + [1] * (src.ndim - 1); shape[dim] = src.shape[dim]
+        src = src.gather(dim, idx.view(shape).expand(src.shape))
+    return src
 
 def resize_into_boxes(
     x:Tensor, # Batch (n, C, *size) with 1 to 3 spatial dims, or a mask (n, *size)
     perm:Tensor, # Partner of each sample
     lo:list, hi:list, # Boxes, as `draw_boxes` returns them
-    interpolation:str='bilinear', # 'bilinear', 'nearest' or 'bicubic' (images only); masks use 'nearest'
+    interpolation:str='bilinear', # 'bilinear', 'bicubic' (images only), 'nearest' or 'nearest-exact'
 ) -> Tensor:
-    "Each sample with its whole partner resized into its own box (one `grid_sample` over the batch), as a new tensor"
+    "Each sample with its whole partner resized into its own box, as a new tensor with `x`'s memory format"
     k, n = len(lo), len(x)
     size = x.shape[x.ndim - k:]
     mask_t = x.ndim == k + 1 or not x.is_floating_point()
-    src = x.index_select(0, perm).view(n, -1, *size).float() # grid_sample works in float; (n, C, *size)
-    if k == 1: src, lo, hi, size = src.unsqueeze(2), [torch.zeros_like(lo[0]), *lo], [torch.ones_like(hi[0]), *hi], (1, *size)
-    theta = torch.zeros(n, len(size), len(size) + 1, device=x.device)
-    for d, (a, b, s) in enumerate(zip(lo, hi, size)): # output coordinate u in the box maps to (s/side)*u + (s-2*lo)/side - 1
-        side, row = (b - a).clamp(min=1).float(), len(size) - 1 - d # grid rows go last dim first
-        theta[:, row, row], theta[:, row, -1] = s / side, (s - 2 * a) / side - 1
-    grid = F.affine_grid(theta, src.shape, align_corners=False)
-    mode = 'nearest' if mask_t else interpolation
-    out = F.grid_sample(src, grid, mode=mode, padding_mode='border', align_corners=False).view(x.shape)
-    return torch.where(_expand(boxes_mask(lo[-k:], hi[-k:], size[-k:]), x, k), out.to(x.dtype), x)
+    if mask_t or interpolation in ('nearest', 'nearest-exact'): # a mask as its image: 'nearest' with 'nearest', else at the pixel centres
+        out = _resize_nearest(x.index_select(0, perm), lo, hi, exact=interpolation != 'nearest')
+    else: # one `grid_sample` over the batch, an affine map per sample
+        src = x.index_select(0, perm).view(n, -1, *size).float() # grid_sample works in float; (n, C, *size)
+        glo, ghi, gsize = lo, hi, size
+        if k == 1: src, glo, ghi, gsize = src.unsqueeze(2), [torch.zeros_like(lo[0]), *lo], [torch.ones_like(hi[0]), *hi], (1, *size)
+        theta = torch.zeros(n, len(gsize), len(gsize) + 1, device=x.device)
+        for d, (a, b, s) in enumerate(zip(glo, ghi, gsize)): # output coordinate u in the box maps to (s/side)*u + (s-2*lo)/side - 1
+            side, row = (b - a).clamp(min=1).float(), len(gsize) - 1 - d # grid rows go last dim first
+            theta[:, row, row], theta[:, row, -1] = s / side, (s - 2 * a) / side - 1
+        grid = F.affine_grid(theta, src.shape, align_corners=False)
+        out = F.grid_sample(src, grid, mode=interpolation, padding_mode='border', align_corners=False).view(x.shape).to(x.dtype)
+    return torch.where(_expand(boxes_mask(lo, hi, size), x, k), out, x, out=torch.empty_like(x))
 
 def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller):
     "CutMix (`lam_range` None) or ResizeMix with one share and one box per sample"
     n = len(ref)
-    if p == 0: return _unmixed(xs[0] if single else tuple(xs), y, ref)
+    if p == 0: return _unmixed(xs[0] if single else tuple(xs), y, ref, per_sample=True)
     lo, hi = draw_boxes(n, size, alpha, lam_range, minmax, p, ref.device, generator)
     perm = torch.randperm(n, device=ref.device, generator=generator)
     if lam_range is None:
@@ -390,6 +452,7 @@ def cutmix(
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "CutMix: paste a box of a random partner into each sample, one box per batch (or per sample)"
     alpha, p, minmax = check_alpha(alpha), check_share(p, 'p'), check_minmax(minmax)
+    inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
     xs, single, ref = _inputs(x, generator, 'cutmix')
     size = _spatial_size(xs, 'CutMix')
     if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix')
@@ -411,12 +474,20 @@ def check_lam_range(lam_min, lam_max) -> tuple[float, float]:
     if lam_min > lam_max: raise ValueError(f"lam_min must be <= lam_max, got lam_min={lam_min!r} and lam_max={lam_max!r}")
     return lam_min, lam_max
 
-_sample_interpolations = ('bilinear', 'nearest', 'bicubic') # what `grid_sample` does, for per-sample boxes
+_sample_interpolations = ('bilinear', 'nearest', 'bicubic') # what per-sample boxes resize with
 
-def check_interpolation(mode:str, per_sample:bool=False) -> str:
-    "Return `mode`, or raise `ValueError` unless it is a resize mode ResizeMix knows (fewer with `per_sample`)"
+def check_interpolation(
+    mode:str, # Resize mode
+    per_sample:bool=False, # For one box per sample, which knows fewer modes
+    ndim:int|None=None, # Number of spatial dims of the inputs, when known: 'bicubic' needs 2
+) -> str:
+    "Return `mode`, or raise `ValueError` unless ResizeMix can resize with it"
     modes = _sample_interpolations if per_sample else _interpolations
-    if mode not in modes: raise ValueError(f"interpolation must be one of {modes}{' with per_sample=True' if per_sample else ''}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in modes:
+        raise ValueError(f"interpolation must be one of {modes}{' with per_sample=True' if per_sample else ''}, got {mode!r}")
+    if mode == 'bicubic' and ndim is not None and ndim != 2:
+        raise ValueError(f"interpolation='bicubic' works on images (2 spatial dims) only, got {ndim} dim{'s' if ndim != 1 else ''}: "
+                         "use 'bilinear' (linear in each dim) or 'nearest'")
     return mode
 
 def resize_box(
@@ -438,13 +509,13 @@ def paste_resized(
     inplace:bool=False, # Paste into `x` itself instead of a copy
 ) -> Tensor:
     "Resize each sample's partner `x[perm]` into `box` and paste it there"
+    check_interpolation(interpolation, ndim=len(box))
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     sides = [s.stop - s.start for s in box]
     if 0 in sides: return out
     mask = x.ndim == len(sides) + 1 or not x.is_floating_point() # a mask: resized with nearest, as floats
     if mask: mode = 'nearest' if interpolation == 'nearest' else 'nearest-exact' # sampled at the pixel centres the image's resize uses
     else: mode = _linear_modes[len(sides)] if interpolation == 'bilinear' else interpolation
-    if mode == 'bicubic' and len(sides) != 2: raise ValueError(f"interpolation='bicubic' works on images only, got {len(sides)} spatial dims")
     align = dict(align_corners=False) if mode in ('linear', 'bilinear', 'trilinear', 'bicubic') else {}
     src = x.view(len(x), -1, *x.shape[x.ndim - len(sides):]) if x.ndim == len(sides) + 1 else x
     small = F.interpolate(src.float() if mask else src, size=sides, mode=mode, **align) # resize all, then permute the small result
@@ -468,9 +539,11 @@ def resizemix(
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch (or per sample)"
     alpha, (lam_min, lam_max) = check_alpha(alpha), check_lam_range(lam_min, lam_max)
-    p, minmax, _ = check_share(p, 'p'), check_minmax(minmax), check_interpolation(interpolation, per_sample)
+    p, minmax = check_share(p, 'p'), check_minmax(minmax)
+    inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
     xs, single, ref = _inputs(x, generator, 'resizemix')
     size = _spatial_size(xs, 'ResizeMix')
+    check_interpolation(interpolation, per_sample, len(size)) # 'bicubic' needs images: refused before anything is drawn
     if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix')
     hg = _host_generator(generator, ref)
     if _skip_batch(p, hg): return _unmixed(x, y, ref)
@@ -481,19 +554,74 @@ def resizemix(
     return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix')
 
 # %% ../nbs/00_core.ipynb #e4f0c002
+def _pack_generators(kw:dict) -> dict:
+    return {k: ('torch.Generator', str(v.device), bytes(v.get_state().numpy())) if isinstance(v, torch.Generator) else v for k, v in kw.items()}
+
+def _unpack_generators(kw:dict) -> dict:
+    def f(v):
+        if not (isinstance(v, tuple) and len(v) == 3 and v[0] == 'torch.Generator'): return v
+        g = torch.Generator(v[1]); g.set_state(torch.frombuffer(bytearray(v[2]), dtype=torch.uint8))
+        return g
+    return {k: f(v) for k, v in kw.items()}
+
 class MixCollate:
     "A `collate_fn` for a plain PyTorch `DataLoader`: collate the samples, then mix the batch (in the loader's workers)"
     def __init__(self,
         mix=None, # `mixup`, `cutmix` (the default) or `resizemix`, or a `functools.partial` of one
-        num_classes:int|None=None, # Turn class indices into one-hot float targets first, so they are blended
+        num_classes:int|None=None, # Turn class indices (N,) or (N, 1), and integer one-hot targets, into float targets first, so they are blended
         collate_fn=None, # Collates a list of samples into `(x, y)`; PyTorch's `default_collate` when None
-        **kwargs, # Passed to `mix`, e.g. `alpha=1.`, `per_sample=True`, `p=.5`
+        **kwargs, # Passed to `mix`, e.g. `alpha=1.`, `per_sample=True`, `p=.5`, `generator=`
     ):
         from torch.utils.data import default_collate
-        self.mix, self.num_classes, self.collate_fn, self.kwargs = mix or cutmix, num_classes, collate_fn or default_collate, kwargs
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1):
+            raise ValueError(f"num_classes must be None or an integer >= 1 (the number of classes to one-hot class indices into), got {num_classes!r}")
+        mix = mix or cutmix
+        if not callable(mix): raise TypeError(f"mix must be mixup, cutmix, resizemix or a functools.partial of one, got {mix!r}")
+        try: sig = inspect.signature(mix)
+        except (TypeError, ValueError): sig = None # no signature to read: the first batch will tell
+        try: sig and sig.bind_partial(None, **kwargs)
+        except TypeError as e: raise TypeError(f"MixCollate passes {sorted(kwargs)} to {getattr(mix, '__name__', mix)!r}, which refuses them: {e}") from None
+        self.mix, self.num_classes, self.collate_fn, self.kwargs = mix, num_classes, collate_fn or default_collate, kwargs
+
+    def _soft(self, y:Tensor, ref:Tensor) -> Tensor:
+        "Integer or bool targets as float ones: class indices (N,) or (N, 1) one-hot, one-hot (N, num_classes) as they are; masks kept"
+        c = self.num_classes
+        if y.is_floating_point(): return y
+        if y.ndim == 1 or tuple(y.shape[1:]) == (1,): # class indices
+            y = y.reshape(len(y)).long()
+            bad = (y < 0) | (y >= c)
+            if bad.any(): raise ValueError(f"MixCollate(num_classes={c}) got class indices outside [0, {c}): {sorted(set(y[bad].tolist()))[:5]}")
+            return F.one_hot(y, c).float()
+        if y.ndim == 2 and y.shape[1] == c: return y.float() # one-hot (or multi-hot) already
+        if is_mask(y, len(ref), ref.shape[2:]): return y # a segmentation mask: pasted by the mixer
+        raise ValueError(f"MixCollate(num_classes={c}) turns class indices (N,) or (N, 1) and one-hot targets (N, {c}) into float targets, "
+                         f"but got integer targets of shape {tuple(y.shape)}")
+
+    def _generator(self):
+        "The generator for this batch: the one given; in a worker process, one derived from it and the worker's seed"
+        g = self.kwargs.get('generator', getattr(self.mix, 'keywords', {}).get('generator'))
+        info = get_worker_info()
+        if g is None or info is None: return g
+        if getattr(self, '_worker', (None,))[0] != info.seed: # a new worker: every worker holds a copy of `g` in the same state
+            draw = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+            self._worker = (info.seed, torch.Generator(g.device).manual_seed((draw + info.seed * 0x9E3779B97F4A7C15) % 2**63))
+        return self._worker[1]
+
+    def __getstate__(self): # generators travel to spawned workers as their state: torch cannot rebuild a pickled `torch.Generator` there
+        mix = self.mix
+        if isinstance(mix, functools.partial): mix = (mix.func, mix.args, _pack_generators(mix.keywords))
+        return self.__dict__ | dict(mix=mix, kwargs=_pack_generators(self.kwargs))
+
+    def __setstate__(self, d):
+        mix = d['mix']
+        if isinstance(mix, tuple): mix = functools.partial(mix[0], *mix[1], **_unpack_generators(mix[2]))
+        self.__dict__.update(d | dict(mix=mix, kwargs=_unpack_generators(d['kwargs'])))
 
     def __call__(self, samples) -> tuple: # (x, mixed y) for dense targets and masks; (x, y, y[perm], lam) for class indices
         x, y = self.collate_fn(samples)
-        if self.num_classes is not None and not y.is_floating_point() and y.ndim == 1: y = F.one_hot(y, self.num_classes).float()
-        (x, ym), perm, lam = self.mix(x, y=y, **self.kwargs)
-        return (x, ym) if ym is not y or y.is_floating_point() else (x, y, gather(y, perm), lam)
+        ref = _inputs(x, None, 'MixCollate')[2]
+        if self.num_classes is not None: y = self._soft(y, ref)
+        g = self._generator()
+        (x, ym), perm, lam = self.mix(x, y=y, **(self.kwargs | ({'generator': g} if g is not None else {})))
+        index = not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
+        return (x, y, gather(y, perm), lam) if index else (x, ym)

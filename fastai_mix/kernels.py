@@ -82,19 +82,22 @@ class _on_device:
 
 # %% ../nbs/06_kernels.ipynb #e0341968
 @_jit
-def _lerp_kernel(x, perm, lam, out, w, M, n_jb, PER_SAMPLE: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _lerp_kernel(x, perm, lam, out, w, M, n_jb, PER_SAMPLE: tl.constexpr, EXACT: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
     "out[i] = lerp(x[perm[i]], x[i], w_i), each sample a row of M elements, computed as PyTorch's lerp: float32, one rounding"
     pid = tl.program_id(0)
     i = pid // n_jb
     j = (pid % n_jb) * BLOCK + tl.arange(0, BLOCK)
     ok = j < M
     row, prow = i.to(tl.int64) * M, tl.load(perm + i).to(tl.int64) * M
-    a = tl.load(x + prow + j, mask=ok).to(tl.float32) # the partner (lerp's start)
-    b = tl.load(x + row + j, mask=ok).to(tl.float32)  # the sample (lerp's end)
     if PER_SAMPLE: w = _round(tl.load(lam + i).to(tl.float32), KIND)
+    one = w == 1.0 # a sample left alone is its own partner (so its partner is not read)
+    b = tl.load(x + row + j, mask=ok).to(tl.float32)  # the sample (lerp's end)
+    a = tl.where(one, b, tl.load(x + prow + j, mask=ok & (w != 1.0)).to(tl.float32)) # the partner (lerp's start)
     d = b - a
     wb = tl.zeros_like(d) + w
-    _store(out + row + j, tl.where(tl.abs(wb) < 0.5, tl.fma(wb, d, a), tl.fma(wb - 1.0, d, b)), ok, KIND)
+    r = tl.where(tl.abs(wb) < 0.5, tl.fma(wb, d, a), tl.fma(wb - 1.0, d, b))
+    if EXACT: r = tl.where(one, b, r) # bit for bit, inf included (inf - inf would be NaN)
+    _store(out + row + j, r, ok, KIND)
 
 def _lerp_why(x, perm, lam) -> str|None:
     why = why_not_fused(x, perm)
@@ -106,9 +109,10 @@ def _lerp_why(x, perm, lam) -> str|None:
     elif not isinstance(lam, (int, float)) or isinstance(lam, bool): return f"lam must be a float or a tensor, got {type(lam).__name__}"
     return None
 
-def _lerp(x, perm, lam) -> Tensor:
-    n, out = len(x), torch.empty_like(x)
-    m, per_sample = x.numel() // n, isinstance(lam, Tensor)
+def _lerp(x, perm, lam, exact=True) -> Tensor:
+    n, per_sample = len(x), isinstance(lam, Tensor)
+    if not per_sample and lam == 1: return x.clone(memory_format=torch.preserve_format) # as lerp_mix
+    m, out = x.numel() // n, torch.empty_like(x)
     if per_sample:
         lam = _plain(lam).reshape(n)
         if lam.dtype not in (torch.float32, x.dtype): lam = lam.to(x.dtype) # rounded as lerp_mix rounds it (float32 is rounded in the kernel)
@@ -117,17 +121,18 @@ def _lerp(x, perm, lam) -> Tensor:
     n_jb, xp = triton.cdiv(m, block), _plain(x)
     with _on_device(x):
         _lerp_kernel[(n * n_jb,)](xp, perm, lam if per_sample else xp, _plain(out), 0. if per_sample else float(lam), m, n_jb,
-                                  PER_SAMPLE=per_sample, KIND=_kinds[x.dtype], BLOCK=block)
+                                  PER_SAMPLE=per_sample, EXACT=bool(exact), KIND=_kinds[x.dtype], BLOCK=block)
     return out
 
 def fused_lerp_mix(
     x:Tensor, # Batch, samples on the first dim: float32, float16 or bfloat16
     perm:Tensor, # Partner of each sample
     lam:float|Tensor, # Share of the original: one float, or one per sample
+    exact:bool=True, # Keep a sample of share 1 bit for bit even when it holds inf, as `core.lerp_mix` (free here: no extra pass)
 ) -> Tensor:
     "`core.lerp_mix` in one pass: `lam*x + (1-lam)*x[perm]` in a new tensor with `x`'s dtype and memory format"
     if why := _lerp_why(x, perm, lam): raise ValueError(f"fused_lerp_mix cannot take this input: {why}")
-    return _lerp(x, perm, lam)
+    return _lerp(x, perm, lam, exact)
 
 # %% ../nbs/06_kernels.ipynb #be01595d
 @_jit
@@ -292,7 +297,7 @@ def fused_paste_boxes(
 
 # %% ../nbs/06_kernels.ipynb #82623ad3
 _HOOKS = { # what the core calls: the kernel's result, or None for its PyTorch path
-    'lerp_mix': lambda x, perm, lam: None if _lerp_why(x, perm, lam) else _lerp(x, perm, lam),
+    'lerp_mix': lambda x, perm, lam, exact=True: None if _lerp_why(x, perm, lam) else _lerp(x, perm, lam, exact),
     'paste_box': lambda x, perm, box, inplace=False: None if (p := _box_plan(x, perm, box, inplace))[0] else _paste_box(x, perm, p[1], inplace),
     'paste_boxes': lambda x, perm, mask: None if (p := _boxes_plan(x, perm, mask))[0] else _paste_boxes(x, perm, mask, p[1]),
 }

@@ -22,19 +22,24 @@ DistributedDL._broadcast = _gloo_broadcast
 MIXERS = dict(mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, cutmix_ps=lambda: CutMix(per_sample=True),
               choice=lambda: MixChoice([MixUp(), CutMix()]))
 
+def train(name):
+    "One seeded run, every rank seeded alike (the usual script: `set_seed` once at the top, launched on N processes)"
+    set_seed(100)
+    spy, mixer = MixSpy(), MIXERS[name]()
+    learn = synth_learner(cbs=[mixer, spy], n=64, bs=8, shape=(3, 8, 8))
+    lf, cbs, names = learn.loss_func, [mixer, spy], learn.cbs.map(lambda o: type(o).__name__)
+    with learn.distrib_ctx(cpu=not torch.cuda.is_available()): learn.fit_one_cycle(2, 1e-2) # Accelerate needs cpu=True for gloo on CPUs
+    state = {k: getattr(mixer, k) for k in ('perm', 'lam', 'yb1', '_old_lf')}
+    return dict(rank=rank_distrib(), world=num_distrib(), backend=dist.get_backend(), records=spy.records,
+                lf_same=learn.loss_func is lf, cb_names=(list(names), list(learn.cbs.map(lambda o: type(o).__name__))),
+                ours_kept=all(any(o is c for o in learn.cbs) for c in cbs),
+                state_clear=all(v is None for v in state.values()), model_unwrapped=type(learn.model).__name__,
+                n_batches=len(spy.records))
+
 def main(out, names):
-    rank = rank_distrib()
     for name in names:
-        set_seed(100 + rank) # each rank seeds its own stream (as timm does with seed + rank)
-        spy, mixer = MixSpy(), MIXERS[name]()
-        learn = synth_learner(cbs=[mixer, spy], n=64, bs=8, shape=(3, 8, 8))
-        lf, cbs, names = learn.loss_func, [mixer, spy], learn.cbs.map(lambda o: type(o).__name__)
-        with learn.distrib_ctx(cpu=not torch.cuda.is_available()): learn.fit_one_cycle(2, 1e-2) # Accelerate needs cpu=True for gloo on CPUs
-        state = {k: getattr(mixer, k) for k in ('perm', 'lam', 'yb1', '_old_lf')}
-        torch.save(dict(rank=rank, world=num_distrib(), backend=dist.get_backend(), records=spy.records,
-                        lf_same=learn.loss_func is lf, cb_names=(list(names), list(learn.cbs.map(lambda o: type(o).__name__))),
-                        ours_kept=all(any(o is c for o in learn.cbs) for c in cbs),
-                        state_clear=all(v is None for v in state.values()), model_unwrapped=type(learn.model).__name__,
-                        n_batches=len(spy.records)), pathlib.Path(out)/f'{name}_rank{rank}.pt')
+        res = train(name)
+        res['again'] = [dict(perm=r['perm'], lam=r['lam'], x=r['x']) for r in train(name)['records']] # the same seed again
+        torch.save(res, pathlib.Path(out)/f'{name}_rank{rank_distrib()}.pt')
 
 if __name__ == '__main__': main(sys.argv[1], sys.argv[2].split(','))

@@ -37,6 +37,27 @@ def test_each_rank_trains_and_is_left_as_found(ranks, name):
         eq_(sorted(after), sorted(before)) # fastai gives rank 1 a new ProgressCallback after removing it: compare the kinds
         assert 'DistributedTrainer' not in after
 
+def same_lam(a, b):
+    "Whether two shares are the same: floats (one per batch) or tensors (one per sample)"
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor): return False
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+def same_draw(a, b):
+    "Whether two records hold the same partner permutation or the same share(s)"
+    return torch.equal(a['perm'], b['perm']) or same_lam(a['lam'], b['lam'])
+
+@pytest.mark.parametrize('name', NAMES)
+def test_ranks_seeded_alike_draw_differently(ranks, name):
+    "Both ranks seeded alike: in every batch each rank has its own permutation and its own shares; the same seed gives each rank the same draws again"
+    r0, r1 = (d['records'] for d in ranks[name])
+    assert len(r0) == len(r1) == 8
+    for a, b in zip(r0, r1): assert not same_draw(a, b), "two ranks drew the same permutation or shares"
+    for d in ranks[name]:
+        eq_(len(d['again']), len(d['records']))
+        for a, b in zip(d['records'], d['again']):
+            assert torch.equal(a['x'], b['x']) # the data order agreed across ranks is unchanged, and the same again
+            assert torch.equal(a['perm'], b['perm']) and same_lam(a['lam'], b['lam'])
+
 @pytest.mark.parametrize('name', NAMES)
 def test_each_rank_mixes_its_own_shard(ranks, name):
     r0, r1 = (d['records'] for d in ranks[name])

@@ -258,4 +258,4 @@ def test_mixchoice_bad_weights(w):
 @pytest.mark.parametrize('make', [lambda v: CutMix(per_sample=v), lambda v: ResizeMix(per_sample=v), lambda v: MixChoice([MixUp()], per_sample=v)])
 @pytest.mark.parametrize('v', ['False', 0, 1, None, 'yes'])
 def test_per_sample_must_be_a_bool(make, v):
-    with pytest.raises(ValueError, match=rf"per_sample must be True or False, got {re.escape(repr(v))}"): make(v)
+    with pytest.raises(TypeError, match=rf"per_sample must be True or False, got {re.escape(repr(v))}"): make(v)

@@ -103,5 +103,5 @@ def test_inplace_is_the_only_difference(mixer):
 
 def test_inplace_checked():
     for bad in ('yes', 1, None):
-        with pytest.raises(ValueError, match=r"inplace must be True or False, got"): CutMix(inplace=bad)
-    with pytest.raises(ValueError, match=r"inplace must be True or False"): ResizeMix(inplace='no')
+        with pytest.raises(TypeError, match=r"inplace must be True or False, got"): CutMix(inplace=bad)
+    with pytest.raises(TypeError, match=r"inplace must be True or False"): ResizeMix(inplace='no')
