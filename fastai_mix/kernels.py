@@ -90,11 +90,11 @@ def _lerp_kernel(x, perm, lam, out, w, M, n_jb, PER_SAMPLE: tl.constexpr, EXACT:
     ok = j < M
     row, prow = i.to(tl.int64) * M, tl.load(perm + i).to(tl.int64) * M
     if PER_SAMPLE: w = _round(tl.load(lam + i).to(tl.float32), KIND)
-    one = w == 1.0 # a sample left alone is its own partner (so its partner is not read)
+    wb = tl.zeros([BLOCK], tl.float32) + w
+    one = wb == 1.0 # a sample left alone is its own partner (so its partner is not read)
     b = tl.load(x + row + j, mask=ok).to(tl.float32)  # the sample (lerp's end)
-    a = tl.where(one, b, tl.load(x + prow + j, mask=ok & (w != 1.0)).to(tl.float32)) # the partner (lerp's start)
+    a = tl.where(one, b, tl.load(x + prow + j, mask=ok & (wb != 1.0)).to(tl.float32)) # the partner (lerp's start)
     d = b - a
-    wb = tl.zeros_like(d) + w
     r = tl.where(tl.abs(wb) < 0.5, tl.fma(wb, d, a), tl.fma(wb - 1.0, d, b))
     if EXACT: r = tl.where(one, b, r) # bit for bit, inf included (inf - inf would be NaN)
     _store(out + row + j, r, ok, KIND)
