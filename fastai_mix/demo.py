@@ -8,7 +8,6 @@ import argparse, contextlib, inspect, json, math, shutil, time
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 from PIL import Image
-from fastcore.basics import noop
 from fasttransform import Transform, Pipeline
 from fastai.torch_core import set_seed, default_device
 from fastai.layers import ConvLayer, Flatten
@@ -269,10 +268,9 @@ def train_mixer(
     dls = image_dls(dsets, bs)
     cb = make_mixer(mixer)
     learn = Learner(dls, make_model(arch, dls.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
-    learn.logger = noop # the progress bar only: no table of epochs
     if show is not None and cb is not None: save_batch(cb, show) # changes nothing: training is the same with or without
     start = time.perf_counter()
-    with (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr)
+    with learn.no_logging(), (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr) # no table of epochs
     secs = time.perf_counter() - start
     names = learn.recorder.metric_names[1:-1] # train_loss, valid_loss, accuracy (without epoch and time)
     history = [dict(zip(names, map(float, v))) for v in learn.recorder.values]
@@ -345,8 +343,9 @@ def table_notes(
 ) -> str:
     "How to read `results_table`, in words"
     seeds, n = settings['seeds'], len(settings['seeds'])
-    s = (f"Mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, seeds))}); within a seed every mixer has the same images, "
-         f"the same wrong labels and the same initial weights. 'vs {base}' is the mean ± std of the per-seed differences in "
+    wrong = ', the same wrong labels' if settings.get('n_changed') else ''
+    s = (f"Mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, seeds))}); within a seed every mixer has the same images{wrong} "
+         f"and the same initial weights. 'vs {base}' is the mean ± std of the per-seed differences in "
          f"accuracy (percentage points); a mixer is called better or worse only when the 95% paired t-interval of that "
          f"difference excludes 0, otherwise the difference is within the noise.")
     if settings.get('n_changed'):
@@ -435,7 +434,7 @@ def torch_threads(n:int|None):
 
 def run_demo(
     mix:tuple=tuple(MIXERS), # Mixers to compare, among 'none', 'mixup', 'cutmix' and 'resizemix'
-    epochs:int=60, # Epochs per run
+    epochs:int=50, # Epochs per run
     bs:int=32, # Batch size
     size:int=16, # Side of the images fed to the model
     arch:str='small', # 'small' or 'resnet18'
@@ -445,7 +444,7 @@ def run_demo(
     out:Path='demo_out', # Folder for the images the demo writes and the results
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
     seeds:int=3, # Number of seeds: every mixer is trained once per seed
-    n_train:int|None=300, # Keep only this many training images (all when None)
+    n_train:int|None=200, # Keep only this many training images (all when None)
     threads:int|None=1, # CPU threads of torch during the demo (put back after); None keeps torch's setting
     progress:bool=True, # Show fastai's progress bar during each run
 ) -> dict: # settings, summary (as `paired_summary` returns) and runs (as `train_mixer` returns): `results.json`
