@@ -183,8 +183,8 @@ def image_dls(
     bs:int=64, # Batch size of training (validation: at least 256)
 ) -> DataLoaders:
     "Batches of `dsets`, with fastai's light augmentation on the training batches and ImageNet statistics"
-    dls = dsets.dataloaders(bs=bs, val_bs=max(bs, 256), num_workers=0, after_batch=[IntToFloatTensor(), *aug_transforms(do_flip=False, max_rotate=10),
-                                                               Normalize.from_stats(*imagenet_stats)])
+    tfms = [IntToFloatTensor(), *aug_transforms(do_flip=False, max_rotate=10), Normalize.from_stats(*imagenet_stats)]
+    dls = dsets.dataloaders(bs=bs, val_bs=max(bs, 256), num_workers=0, after_batch=tfms)
     if len(dls.train) == 0:
         raise DemoError(f"bs={bs} is more than the {len(dls.train_ds)} training images, so there is no full training batch: give a smaller --bs")
     return dls
