@@ -231,7 +231,7 @@ def save_batch(
 ) -> Path:
     "Write the mixer's `show_batch` of its learner's data, titled with the mixer's name, to `fname`"
     import matplotlib.pyplot as plt
-    fig = mixer.show_batch(max_n=max_n, nrows=2)
+    fig = mixer.show_batch(max_n=max_n, nrows=2, show=False)
     fig.suptitle(type(mixer).__name__)
     fig.tight_layout()
     fig.savefig(fname, dpi=60)
