@@ -61,7 +61,6 @@ def references() -> dict:
     return refs
 
 OURS = {'fastai_mix MixUp': ('mixup', MixUp), 'fastai_mix CutMix': ('cutmix', CutMix),
-        'fastai_mix CutMix inplace': ('cutmix', partial(CutMix, inplace=True)),
         'fastai_mix CutMix per_sample': ('cutmix per sample', partial(CutMix, per_sample=True)),
         'fastai_mix CutMix inplace': ('cutmix', partial(CutMix, inplace=True)),
         'fastai_mix ResizeMix': ('resizemix', ResizeMix),

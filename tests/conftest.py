@@ -14,3 +14,9 @@ defaults.use_cuda = False
 def _fastai_device(request, monkeypatch):
     "Tests marked `cuda` get fastai's own choice of device, the GPU, so its transforms and learners live there"
     if request.node.get_closest_marker('cuda'): monkeypatch.setattr(defaults, 'use_cuda', None)
+
+# Under pytest-xdist (`-n 2`, as tools/test.sh runs the suite), each worker gets one of the cores: torch's own
+# threads on top would oversubscribe them.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    import torch
+    torch.set_num_threads(1)
