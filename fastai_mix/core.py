@@ -249,7 +249,8 @@ def lerp_mix(
     perm = torch.where(one, torch.arange(len(x), device=x.device), perm) # its own partner: x - (x - x)*0 is x, whatever the partner holds
     w, one = w.view(-1, *[1]*(x.ndim-1)), one.view(-1, *[1]*(x.ndim-1))
     out = gather(x, perm).lerp_(x, w)
-    return torch.where(one, x, out, out=out) if exact else out # inf - inf is NaN: only a copy keeps an inf
+    if not exact: return out
+    return torch.where(one, x, out) if out.requires_grad else torch.where(one, x, out, out=out) # inf - inf is NaN: only a copy keeps an inf; autograd takes no out=
 
 # %% ../nbs/00_core.ipynb #d66992e9
 def mixup(
