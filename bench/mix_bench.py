@@ -16,6 +16,9 @@ training) and the host syncs per batch (`torch.cuda.set_sync_debug_mode`).
 
     python bench/mix_bench.py                       # CPU: main table and scaling table
     python bench/mix_bench.py --device cuda --resnet  # CUDA, plus resnet18 training-step overhead
+
+On CUDA with Triton, the fused kernels of `fastai_mix.kernels` (opt-in) are measured too, as the rows
+`... fused`; elsewhere they are left out, with the reason on stderr.
 """
 from __future__ import annotations
 import argparse, itertools, json, math, platform, random, statistics, sys, time, warnings
@@ -63,6 +66,25 @@ OURS = {'fastai_mix MixUp': ('mixup', MixUp), 'fastai_mix CutMix': ('cutmix', Cu
         'fastai_mix ResizeMix': ('resizemix', ResizeMix),
         'fastai_mix ResizeMix inplace': ('resizemix', partial(ResizeMix, inplace=True)),
         'fastai_mix ResizeMix per_sample': ('resizemix per sample', partial(ResizeMix, per_sample=True))}
+
+def fused(cls):
+    "`cls` mixing with the fused kernels of `fastai_mix.kernels` on (opt-in there)"
+    from fastai_mix.kernels import use_fused_kernels
+    class Fused(cls):
+        def mix(self, xb, yb, inplace=None):
+            with use_fused_kernels(): return super().mix(xb, yb, inplace)
+    Fused.__name__ = f'{cls.__name__}Fused'
+    return Fused
+
+FUSED = {'fastai_mix MixUp fused': ('mixup', lambda: fused(MixUp)()), 'fastai_mix CutMix fused': ('cutmix', lambda: fused(CutMix)()),
+         'fastai_mix CutMix inplace fused': ('cutmix', lambda: fused(CutMix)(inplace=True)),
+         'fastai_mix CutMix per_sample fused': ('cutmix per sample', lambda: fused(CutMix)(per_sample=True))}
+
+def fused_unavailable(x) -> str|None:
+    "Why the fused kernels would not run on batches like `x` (no Triton, not CUDA...), or None"
+    try: from fastai_mix.kernels import why_not_fused
+    except ImportError as e: return str(e)
+    return why_not_fused(x, torch.arange(len(x), device=x.device))
 
 # ---------------------------------------------------------------- drivers
 def ce_loss():
@@ -126,6 +148,10 @@ def methods(shape, dtype, device, which=None) -> dict:
     res = dict(floors(pool))
     res['no mixer (events + loss)'] = ('copy', event_step(bench_learner(Callback()), pool, y, pred))
     for name, (g, cls) in OURS.items(): res[name] = (g, event_step(bench_learner(cls()), pool, y, pred))
+    why = fused_unavailable(pool[0])
+    if why: print(f'fused kernels not measured: {why}', file=sys.stderr)
+    else:
+        for name, (g, mk) in FUSED.items(): res[name] = (g, event_step(bench_learner(mk()), pool, y, pred))
     for name, (g, mk) in references().items(): res[name] = (g, event_step(bench_learner(mk()), pool, y, pred))
     return {k: v for k, v in res.items() if which is None or k in which or k.startswith('floor')}
 
@@ -238,7 +264,9 @@ def resnet_overhead(device, steps=30, rounds=5) -> str:
     for prec in ('float32', 'bf16 (MixedPrecision)'):
         model = resnet18(num_classes=N_CLASSES).to(device).to(memory_format=torch.channels_last)
         learns = {}
-        for name, mk in (('none', Callback), ('MixUp', MixUp), ('CutMix', CutMix), ('ResizeMix', ResizeMix)):
+        mixers = [('none', Callback), ('MixUp', MixUp), ('CutMix', CutMix), ('ResizeMix', ResizeMix)]
+        if not fused_unavailable(x): mixers += [('MixUp fused', fused(MixUp)), ('CutMix fused', fused(CutMix))]
+        for name, mk in mixers:
             cbs = [mk()] + ([MixedPrecision(amp_mode='bf16')] if prec.startswith('bf16') else [])
             learn = Learner(synth_dls(n=8, bs=4), model, loss_func=ce_loss(), cbs=cbs)
             learn.cbs = learn.cbs.filter(lambda o: isinstance(o, TrainEvalCallback) or o in cbs) # no progress bar, no recorder
@@ -258,7 +286,7 @@ def resnet_overhead(device, steps=30, rounds=5) -> str:
         for k, v in times.items():
             m = statistics.median(v)
             rows.append(f"| {prec} | {k} | {m:.2f} | {'' if k == 'none' else f'{(m - base) / base * 100:+.2f}%'} |")
-        print('\n'.join(rows[-4:]), flush=True)
+        print('\n'.join(rows[-len(learns):]), flush=True)
     return '\n'.join(rows)
 
 def machine(device) -> str:

@@ -3,4 +3,5 @@ __version__ = "0.1.0"
 from .core import *
 from .callback import *
 from .show import *
+from .fmix import *
 from .manifold import *

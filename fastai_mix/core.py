@@ -233,6 +233,8 @@ def gather(x:Tensor, perm:Tensor) -> Tensor:
     "`x[perm]`, as a row gather (`index_select`, several times faster on the CPU) when `x` is contiguous; keeps other layouts"
     return x.index_select(0, perm) if x.is_contiguous() else x[perm]
 
+_fused = {} # core function -> fused kernel, set by `fastai_mix.kernels.use_fused_kernels`; a kernel returns None where it does not apply
+
 def lerp_mix(
     x:Tensor, # Batch, samples on the first dim
     perm:Tensor, # Partner of each sample
@@ -240,13 +242,15 @@ def lerp_mix(
     exact:bool=True, # Also keep a sample of share 1 bit for bit when it holds inf (one more pass over `x`)
 ) -> Tensor:
     "`lam*x + (1-lam)*x[perm]` in a new tensor with `x`'s dtype and memory format; a sample of share 1 comes back as it was"
+    if _fused and (out := _fused['lerp_mix'](x, perm, lam, exact)) is not None: return out
     if not isinstance(lam, Tensor): return x.clone(memory_format=torch.preserve_format) if lam == 1 else gather(x, perm).lerp_(x, lam)
     w = lam.to(x.dtype)
     one = w == 1
     perm = torch.where(one, torch.arange(len(x), device=x.device), perm) # its own partner: x - (x - x)*0 is x, whatever the partner holds
     w, one = w.view(-1, *[1]*(x.ndim-1)), one.view(-1, *[1]*(x.ndim-1))
     out = gather(x, perm).lerp_(x, w)
-    return torch.where(one, x, out, out=out) if exact else out # inf - inf is NaN: only a copy keeps an inf
+    if not exact: return out
+    return torch.where(one, x, out) if out.requires_grad else torch.where(one, x, out, out=out) # inf - inf is NaN: only a copy keeps an inf; autograd takes no out=
 
 # %% ../nbs/00_core.ipynb #d66992e9
 def mixup(
@@ -304,6 +308,7 @@ def paste_box(
     inplace:bool=False, # Paste into `x` itself instead of a copy
 ) -> Tensor:
     "Paste the `box` of each sample's partner `x[perm]` into it"
+    if _fused and (out := _fused['paste_box'](x, perm, box, inplace)) is not None: return out
     idx = (slice(None),) * (x.ndim - len(box)) + tuple(box) # (N, C, *box), or (N, *box) for a mask
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     out[idx] = x[idx].index_select(0, perm) # the partners' boxes are gathered first: `out` may be `x`
@@ -376,6 +381,7 @@ def paste_boxes(
     mask:Tensor, # Boolean (n, *size), True inside each sample's box
 ) -> Tensor:
     "Each sample with its own box of its partner pasted in, as a new tensor with `x`'s memory format"
+    if _fused and (out := _fused['paste_boxes'](x, perm, mask)) is not None: return out
     return torch.where(_expand(mask, x, mask.ndim - 1), gather(x, perm), x, out=torch.empty_like(x))
 
 def nearest_index(

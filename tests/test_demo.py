@@ -1,30 +1,36 @@
-"The `fastai-mix demo` command end to end: the digits, `--data` folders, label noise, the written results"
+"The `fastai-mix demo` command end to end: the digits, `--data` folders, label noise, the paired comparison, the written results"
 import json, math, subprocess, sys
 import numpy as np, pytest, torch
 from pathlib import Path
 from PIL import Image
-from fastcore.test import test_eq as eq_
+from fastcore.test import test_eq as eq_, test_close as close_, test_fail as fail_
 from fastai.data.transforms import get_image_files, parent_label
 from fastai.torch_core import defaults
-from fastai_mix.demo import main, run_demo, train_mixer, write_digits, stage_folder, noisy_labels, true_label, MIXERS
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai_mix.demo import (main, run_demo, train_mixer, write_digits, stage_folder, noisy_labels, true_label, image_datasets,
+                             image_dls, make_model, memorisation, paired_summary, results_table, MIXERS)
 
 NUMS = ('train_loss', 'valid_loss', 'accuracy', 'sec_per_epoch')
 
 def read_results(out:Path, n:int) -> dict:
-    "Check the three files the demo writes into `out` for `n` runs, and return results.json"
+    "Check the files the demo writes into `out` for `n` runs, and return results.json"
     res = json.loads((out/'results.json').read_text())
-    eq_(len(res['results']), n)
-    for r in res['results']:
-        assert r['mixer'] in MIXERS
+    eq_(len(res['runs']), n)
+    for r in res['runs']:
+        assert r['mixer'] in MIXERS and isinstance(r['seed'], int)
         assert all(math.isfinite(r[k]) for k in NUMS), r
         assert 0 <= r['accuracy'] <= 1 and r['sec_per_epoch'] > 0
+        assert r['memorised'] is None or 0 <= r['memorised'] <= 1
         assert r['history'] and all(math.isfinite(v) for h in r['history'] for v in h.values())
+    mixers = list(dict.fromkeys(r['mixer'] for r in res['runs']))
+    eq_([r['mixer'] for r in res['summary']], mixers)
+    eq_(res['summary'], json.loads(json.dumps(paired_summary(res['runs'])))) # the summary is recomputed from the per-seed numbers
     rows = [l for l in (out/'results.md').read_text().splitlines() if l.startswith('| ') and not l.startswith('| mixer')]
-    eq_([l.split('|')[1].strip() for l in rows], [r['mixer'] for r in res['results']])
-    for l in rows: assert all(math.isfinite(float(c)) for c in l.strip('| ').split('|')[1:])
-    mixers = [r['mixer'] for r in res['results'] if r['mixer'] != 'none']
-    eq_(sorted(o.name for o in out.glob('batch_*.png')), sorted(f'batch_{m}.png' for m in mixers)) # one mixed batch per mixer
-    for f in ['curves.png', *(f'batch_{m}.png' for m in mixers)]:
+    eq_([l.split('|')[1].strip() for l in rows], mixers)
+    mixed = [m for m in mixers if m != 'none']
+    eq_(sorted(o.name for o in out.glob('batch_*.png')), sorted(f'batch_{m}.png' for m in mixed)) # one mixed batch per mixer
+    for f in ['accuracy.png', 'curves.png', *(f'batch_{m}.png' for m in mixed)]:
         with Image.open(out/f) as im:
             eq_(im.format, 'PNG'); im.load()
             assert im.size[0] > 100 and im.size[1] > 100 and np.asarray(im).std() > 0, f # drawn, not blank
@@ -40,37 +46,95 @@ def random_images(path:Path, classes=('cat', 'dog', 'emu'), n:int=8, seed:int=0)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path/c/f'{c}{i}.png')
     return path
 
-def test_demo_end_to_end(tmp_path):
-    main(['demo', '--epochs', '1', '--n-train', '200', '--size', '16', '--out', str(tmp_path)])
-    res = read_results(tmp_path, 4)
-    eq_([r['mixer'] for r in res['results']], ['none', 'mixup', 'cutmix', 'resizemix'])
-    s = res['settings']
-    eq_((s['epochs'], s['n_train'], s['size'], s['bs'], s['arch'], s['noise'], s['seed']), (1, 200, 16, 64, 'small', 0., 42))
-    eq_(len(get_image_files(tmp_path/'digits'/'train')), 200)
-    eq_(len(get_image_files(tmp_path/'digits'/'valid')), 359)
-    for r in res['results']: eq_(len(r['history']), 1)
+TINY = ['--epochs', '1', '--n-train', '64', '--size', '16', '--bs', '32']
 
-def test_same_seed_same_run(tmp_path):
-    "Every run starts from the same seed: the same mixer twice gives the same numbers"
-    path = write_digits(tmp_path/'digits', n_train=128)
-    runs = [train_mixer(path, 'mixup', epochs=1, size=16, bs=32) for _ in range(2)]
-    eq_(runs[0]['history'], runs[1]['history'])
+def test_demo_end_to_end(tmp_path, capsys):
+    "The whole experiment at tiny size: 4 mixers x 2 seeds, paired, with its pictures and every per-seed number"
+    main(['demo', *TINY, '--seeds', '2', '--noise', '0.25', '--out', str(tmp_path)])
+    res = read_results(tmp_path, 8)
+    eq_([(r['mixer'], r['seed']) for r in res['runs']], [(m, s) for s in (0, 1) for m in MIXERS])
+    s = res['settings']
+    eq_((s['epochs'], s['n_train'], s['size'], s['bs'], s['arch'], s['noise'], s['seeds'], s['n_changed']), (1, 64, 16, 32, 'small', .25, [0, 1], 16))
+    for seed in (0, 1):
+        tr = get_image_files(tmp_path/'digits'/f'seed{seed}'/'train')
+        eq_(len(tr), 64); eq_(sum(parent_label(f) != true_label(f) for f in tr), 16)
+        eq_(len(get_image_files(tmp_path/'digits'/f'seed{seed}'/'valid')), 359)
+    assert get_image_files(tmp_path/'digits'/'seed0'/'train') != get_image_files(tmp_path/'digits'/'seed1'/'train') # each seed its own subset
+    for r in res['runs']: eq_(len(r['history']), 1); eq_(r['n_changed'], 16)
+    acc = {(r['mixer'], r['seed']): r['accuracy'] for r in res['runs']}
+    for row in res['summary'][1:]: # the paired differences are those of the per-seed numbers
+        close_(row['diffs'], [acc[row['mixer'], s] - acc['none', s] for s in (0, 1)])
+    printed = capsys.readouterr().out
+    assert results_table(paired_summary(res['runs'])) in printed and 'wall time' in printed
+    assert 'within the noise' in printed # the printed rule
+
+def test_paired_summary_by_hand():
+    "Paired by seed (not by position), with the t interval and the verdict in words"
+    acc = dict(none=[.70, .72, .68], mixup=[.78, .80, .76], cutmix=[.74, .70, .69])
+    runs = [dict(mixer=m, seed=s, accuracy=a, memorised=.9 if m == 'none' else .2) for m, v in acc.items() for s, a in zip((5, 6, 7), v)]
+    runs = runs[::-1] # the order of the runs does not matter, the seeds do: here none's come as 7, 6, 5 and the others' too,
+    runs = runs[:6] + [runs[7], runs[8], runs[6]] # then none's as 6, 5, 7: pairing by position would pair other seeds
+    summ = {r['mixer']: r for r in paired_summary(runs)}
+    eq_(list(summ), ['cutmix', 'mixup', 'none'])
+    close_(summ['none']['accuracy'], .70); close_(summ['none']['accuracy_std'], .02); close_(summ['none']['memorised'], .9)
+    close_(summ['mixup']['diffs'], [.08, .08, .08]); close_(summ['mixup']['diff_std'], 0); eq_(summ['mixup']['verdict'], 'better than none')
+    d = np.array([.04, -.02, .01])
+    close_(summ['cutmix']['diffs'], d); close_(summ['cutmix']['diff'], d.mean()); close_(summ['cutmix']['diff_std'], d.std(ddof=1))
+    half = 4.302653 * d.std(ddof=1) / math.sqrt(3) # t(0.975, 2)
+    close_((summ['cutmix']['diff_lo'], summ['cutmix']['diff_hi']), (d.mean() - half, d.mean() + half), eps=1e-6)
+    eq_(summ['cutmix']['verdict'], 'within the noise')
+    worse = paired_summary([dict(mixer=m, seed=s, accuracy=a, memorised=None) for m, v in dict(none=[.9, .8, .85], resizemix=[.85, .76, .8]).items()
+                            for s, a in enumerate(v)])[1]
+    eq_(worse['verdict'], 'worse than none'); eq_(worse['memorised'], None)
+    table = results_table(paired_summary(runs))
+    assert '| mixup | 78.0 ± 2.0 | +8.0 ± 0.0 | +8.0 to +8.0 | 20.0 ± 0.0 | better than none |' in table, table
+    fail_(paired_summary, args=(runs[:-1],), contains='a paired comparison needs the same seeds') # none lacks seed 7
+
+def test_same_seed_same_table(tmp_path, capsys):
+    "The same seeds give the same numbers and the same table; another seed gives others"
+    tables = []
+    for i, seed in enumerate((3, 3, 4)):
+        res = run_demo(mix=('none', 'cutmix'), epochs=1, n_train=64, size=16, bs=32, seed=seed, seeds=1, out=tmp_path/str(i), progress=False)
+        tables.append((results_table(res['summary']), [(r['history'], r['memorised']) for r in res['runs']]))
+    eq_(tables[0], tables[1])
+    assert tables[0][1] != tables[2][1]
 
 def test_batch_picture_changes_nothing(tmp_path):
     "Drawing the mixed batch before training leaves the run as it would be without it"
-    path = write_digits(tmp_path/'digits', n_train=128)
-    runs = [train_mixer(path, 'cutmix', epochs=1, size=16, bs=32, show=show) for show in (tmp_path/'b.png', None)]
+    dsets = image_datasets(write_digits(tmp_path/'digits', n_train=128), size=16)
+    runs = [train_mixer(dsets, 'cutmix', epochs=1, bs=32, show=show, progress=False) for show in (tmp_path/'b.png', None)]
     eq_(runs[0]['history'], runs[1]['history'])
     assert (tmp_path/'b.png').stat().st_size > 1000
+
+def test_memorisation_bookkeeping(tmp_path):
+    "`memorisation` compares each changed image's prediction with its own labels: a model predicting the wrong labels memorised all"
+    dsets = image_datasets(write_digits(tmp_path/'digits', n_train=40, noise=.5, seed=1), size=16)
+    files = dsets.train.items
+    learn = Learner(image_dls(dsets, bs=8), make_model('small', 10), loss_func=CrossEntropyLossFlat())
+    def oracle(label_of):
+        "get_preds that predicts `label_of(file)` for every file of the dataloader"
+        def get_preds(dl): return torch.eye(10)[[int(label_of(f)) for f in dl.dataset.items]], None
+        return get_preds
+    learn.get_preds = oracle(parent_label) # the wrong labels it was trained on
+    eq_(memorisation(learn, files), dict(memorised=1., corrected=0., n_changed=20))
+    learn.get_preds = oracle(true_label) # the right ones
+    eq_(memorisation(learn, files), dict(memorised=0., corrected=1., n_changed=20))
+    learn.get_preds = oracle(lambda f: true_label(f) if int(f.stem[:4]) % 2 else parent_label(f)) # by the image's index
+    m = memorisation(learn, files)
+    even = np.mean([int(f.stem[:4]) % 2 == 0 for f in files if parent_label(f) != true_label(f)])
+    close_((m['memorised'], m['corrected']), (even, 1 - even))
+    assert 0 < even < 1
+    eq_(memorisation(learn, image_datasets(write_digits(tmp_path/'clean', n_train=40), size=16).train.items),
+        dict(memorised=None, corrected=None, n_changed=0))
 
 def test_python_m(tmp_path):
     "`python -m fastai_mix` is the `fastai-mix` command"
     r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--help'], capture_output=True, text=True)
-    eq_(r.returncode, 0); assert '--mix NAMES' in r.stdout and 'batch_<mixer>.png' in r.stdout
-    r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--mix', 'none,mixup', '--epochs', '1', '--n-train', '64',
-                        '--size', '16', '--bs', '32', '--out', str(tmp_path)], capture_output=True, text=True)
+    eq_(r.returncode, 0); assert '--mix NAMES' in r.stdout and 'batch_<mixer>.png' in r.stdout and '--seeds N' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--mix', 'none,mixup', *TINY, '--seeds', '1', '--out', str(tmp_path)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert '| mixup |' in r.stdout
+    assert '| mixup |' in r.stdout and 'one seed: no spread' in r.stdout
     read_results(tmp_path, 2)
 
 @pytest.mark.parametrize('split', [False, True])
@@ -80,7 +144,8 @@ def test_data_folder(tmp_path, split):
     else: random_images(src, n=10)
     before = sorted(get_image_files(src))
     out = tmp_path/'out'
-    main(['demo', '--data', str(src), '--mix', 'none,cutmix', '--epochs', '1', '--bs', '8', '--size', '16', '--out', str(out)])
+    main(['demo', '--data', str(src), '--mix', 'none,cutmix', '--epochs', '1', '--bs', '8', '--size', '16', '--seeds', '1',
+          '--noise', '0', '--n-train', 'all', '--out', str(out)])
     res = read_results(out, 2)
     eq_(res['settings']['data'], str(src)); eq_(res['settings']['images'], str(src)) # read in place
     assert not (out/'digits').exists() and not (out/'data').exists()
@@ -94,12 +159,13 @@ def test_data_folder_subset_and_noise(tmp_path, split):
     else: random_images(src, n=10)
     before = sorted(get_image_files(src))
     out = tmp_path/'out'
-    main(['demo', '--data', str(src), '--mix', 'resizemix', '--epochs', '1', '--bs', '4', '--size', '16',
+    main(['demo', '--data', str(src), '--mix', 'resizemix', '--epochs', '1', '--bs', '4', '--size', '16', '--seeds', '1',
           '--n-train', '12', '--noise', '0.5', '--out', str(out)])
-    eq_(read_results(out, 1)['settings']['images'], str(out/'data'))
-    tr = get_image_files(out/'data'/'train')
+    res = read_results(out, 1)
+    eq_(res['settings']['images'], str(out/'data')); eq_(res['runs'][0]['n_changed'], 6)
+    tr = get_image_files(out/'data'/'seed0'/'train')
     eq_(len(tr), 12); eq_(sum(parent_label(f) != true_label(f) for f in tr), 6)
-    va = get_image_files(out/'data'/'valid')
+    va = get_image_files(out/'data'/'seed0'/'valid')
     eq_(len(va), 6); eq_(sum(parent_label(f) != true_label(f) for f in va), 0)
     eq_(sorted(get_image_files(src)), before) # the original is not touched
     for f in tr: eq_(np.asarray(Image.open(f)).shape[2], 3) # the links open as the images
@@ -132,13 +198,14 @@ def test_cli_errors(tmp_path, capsys):
     for argv, msg in [(['demo', '--data', str(tmp_path/'nowhere')], 'is not a folder'),
                       (['demo', '--mix', 'mixup,cutout'], 'unknown mixer(s)'),
                       (['demo', '--noise', '-0.1'], 'noise must be a number in [0, 1]'),
-                      (['demo', '--n-train', '0'], 'expected a positive integer'),
+                      (['demo', '--n-train', '0'], "expected a positive integer or 'all'"),
+                      (['demo', '--seeds', '0'], 'expected a positive integer'),
                       ([], 'required')]:
         with pytest.raises(SystemExit) as e: main(argv)
         eq_(e.value.code, 2)
         assert msg in capsys.readouterr().err, argv
     src = random_images(tmp_path/'src', n=5) # 12 training images, fewer than a batch
-    with pytest.raises(SystemExit): main(['demo', '--data', str(src), '--mix', 'none', '--out', str(tmp_path/'o')])
+    with pytest.raises(SystemExit): main(['demo', '--data', str(src), '--mix', 'none', '--noise', '0', '--n-train', 'all', '--out', str(tmp_path/'o')])
     assert 'give a smaller --bs' in capsys.readouterr().err
     (tmp_path/'mine'/'digits').mkdir(parents=True); (tmp_path/'mine'/'digits'/'keep.txt').write_text('x')
     with pytest.raises(SystemExit): main(['demo', '--out', str(tmp_path/'mine')])
@@ -149,7 +216,8 @@ def test_cli_errors(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_demo_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(defaults, 'use_cuda', None) # fastai's own choice: the GPU (conftest keeps the other tests on the CPU)
-    rows = run_demo(epochs=3, n_train=512, size=32, bs=32, out=tmp_path)
-    res = read_results(tmp_path, 4)
+    res = run_demo(seeds=1, out=tmp_path, progress=False) # the default settings, one seed
+    read_results(tmp_path, 4)
     assert res['settings']['device'].startswith('cuda')
-    assert rows[0]['accuracy'] > 0.7 and all(r['accuracy'] > 0.3 for r in rows), rows # on the CPU, same seed: .86, .81, .61, .53 (chance: .1)
+    none, *mixed = res['summary']
+    assert none['memorised'] > .5 and all(r['accuracy'] > none['accuracy'] for r in mixed), res['summary']

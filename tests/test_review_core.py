@@ -263,3 +263,15 @@ def test_cuda_nearest_boxes_and_no_sync():
         resizemix(x, y=m, per_sample=True, interpolation='nearest', p=.5)
         mixup(x, p=.5, y=torch.rand(32, 4, device='cuda')); mixup(x, p=0.); cutmix(x, per_sample=True, p=0.)
     finally: torch.cuda.set_sync_debug_mode('default')
+
+def test_lerp_mix_exact_under_autograd():
+    "The exact pass (a sample of share 1 copied back) works on a tensor in the autograd graph, and its gradient is the blend's"
+    from fastai_mix import lerp_mix
+    x = torch.randn(4, 3, requires_grad=True)
+    lam, perm = torch.tensor([1., .6, .7, 1.]), torch.tensor([1, 0, 3, 2])
+    y = lerp_mix(x * 1, perm, lam)
+    y.sum().backward()
+    exp = lam.clone() # each sample's own share, plus its share as the partner of the sample that took it
+    for i, j in enumerate(perm.tolist()):
+        if lam[i] < 1: exp[j] += 1 - lam[i]
+    torch.testing.assert_close(x.grad, exp[:, None].expand(4, 3))
