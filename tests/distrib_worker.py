@@ -9,7 +9,7 @@ import torch, torch.distributed as dist
 from fastai.distributed import DistributedDL
 from fastai.torch_core import set_seed, rank_distrib, num_distrib
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
-from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice
+from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice, FMix
 from fastai_mix.test_utils import synth_learner, MixSpy
 
 def _gloo_broadcast(self, t, rank):
@@ -20,7 +20,7 @@ def _gloo_broadcast(self, t, rank):
 DistributedDL._broadcast = _gloo_broadcast
 
 MIXERS = dict(mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, cutmix_ps=lambda: CutMix(per_sample=True),
-              choice=lambda: MixChoice([MixUp(), CutMix()]))
+              choice=lambda: MixChoice([MixUp(), CutMix()]), fmix=FMix, fmix_ps=lambda: FMix(per_sample=True))
 
 def train(name):
     "One seeded run, every rank seeded alike (the usual script: `set_seed` once at the top, launched on N processes)"

@@ -7,7 +7,7 @@ from fastai_mix import MixUp, CutMix, ResizeMix, MixChoice
 
 pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate (pip install accelerate)")
 WORKER = pathlib.Path(__file__).parent/'distrib_worker.py'
-NAMES = ['mixup', 'cutmix', 'resizemix', 'cutmix_ps', 'choice']
+NAMES = ['mixup', 'cutmix', 'resizemix', 'cutmix_ps', 'choice', 'fmix', 'fmix_ps']
 
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
@@ -24,7 +24,7 @@ def ranks(tmp_path_factory):
     assert res.returncode == 0, f"the 2-process run failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return {n: [torch.load(out/f'{n}_rank{r}.pt', weights_only=False) for r in (0, 1)] for n in NAMES}
 
-MIXER_OF = dict(mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, cutmix_ps=CutMix)
+MIXER_OF = dict(mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, cutmix_ps=CutMix, fmix=CutMix, fmix_ps=CutMix) # FMix's shares read back as a paste's
 
 @pytest.mark.parametrize('name', NAMES)
 def test_each_rank_trains_and_is_left_as_found(ranks, name):
@@ -69,7 +69,7 @@ def test_each_rank_mixes_its_own_shard(ranks, name):
         for r in recs:
             lam = r['lam'] if isinstance(r['lam'], torch.Tensor) else torch.full((len(r['perm']),), r['lam'])
             ok = moved(r['perm'])
-            if name == 'cutmix_ps': got = (r['xm'] == r['x']).flatten(2).all(1).float().mean(1)
+            if name in ('cutmix_ps', 'fmix_ps'): got = (r['xm'] == r['x']).flatten(2).all(1).float().mean(1)
             else: got = share_from_pixels(mixer, r)
             close_(got[ok], lam[ok], eps=1e-4 if name != 'resizemix' else .02) # the shares in the pixels ...
             y = r['y'][0]
