@@ -13,7 +13,7 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
-from .core import _unmixed
+from .core import _unmixed, _as_list
 
 # %% auto #0
 __all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
@@ -26,7 +26,8 @@ def _is_index(y:Tensor, ref:Tensor) -> bool:
 
 def _ref(xb:Sequence[Tensor]) -> Tensor:
     "The input that tells the batch size, the device and the spatial size: the first floating point one, else the first (token or category ids)"
-    return next((x for x in xb if x.is_floating_point()), xb[0])
+    xs, _ = _as_list(xb, 'xb') # a clear error naming an input that is not a tensor
+    return next((x for x in xs if x.is_floating_point()), xs[0])
 
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"

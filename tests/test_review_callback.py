@@ -259,3 +259,9 @@ def test_mixchoice_bad_weights(w):
 @pytest.mark.parametrize('v', ['False', 0, 1, None, 'yes'])
 def test_per_sample_must_be_a_bool(make, v):
     with pytest.raises(TypeError, match=rf"per_sample must be True or False, got {re.escape(repr(v))}"): make(v)
+
+@pytest.mark.parametrize('mixer', [lambda: MixChoice([MixUp(), CutMix()]), lambda: MixChoice([MixUp(), CutMix()], per_sample=True), MixUp, CutMix])
+def test_non_tensor_input_named(mixer):
+    "An input that is not a tensor is named, with its position and type"
+    with pytest.raises(TypeError, match=r"must be a tensor or a sequence of tensors, but x\w?\[1\] is a list: \[1, 2\]"):
+        mixer().mix((torch.randn(2, 3, 4, 4), [1, 2]), (torch.tensor([0, 1]),))
