@@ -454,3 +454,9 @@ def test_half_activation_rounds_shares():
     model(x)
     eq_(lam, lam.bfloat16().float()) # rounded in place: the loss sees the share the blend used
     close_(ym[0], lam[:, None] * y + (1 - lam[:, None]) * y[perm], eps=1e-6)
+
+def test_choice_on_token_ids():
+    "A MixChoice holding ManifoldMixup trains a text classifier, whose inputs are token ids only"
+    learn = text_learner(cbs=[MixChoice([ManifoldMixup(), OutputMixup()])])
+    learn.fit(1)
+    eq_(hooks(learn.model), {})
