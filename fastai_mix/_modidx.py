@@ -174,6 +174,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastai_mix.demo.stage_folder': ('demo.html#stage_folder', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.t_quantile': ('demo.html#t_quantile', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.table_notes': ('demo.html#table_notes', 'fastai_mix/demo.py'),
+                                 'fastai_mix.demo.tabular_report': ('demo.html#tabular_report', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.torch_threads': ('demo.html#torch_threads', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.train_mixer': ('demo.html#train_mixer', 'fastai_mix/demo.py'),
                                  'fastai_mix.demo.true_label': ('demo.html#true_label', 'fastai_mix/demo.py'),

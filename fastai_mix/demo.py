@@ -22,14 +22,16 @@ from fastai.metrics import accuracy
 import fastai.callback.schedule # Learner.fit_one_cycle
 import fastai.callback.progress # fastai's progress bars, Learner.no_bar
 from .callback import MixUp, CutMix, ResizeMix
+from .fmix import FMix
+from .manifold import ManifoldMixup, tabular_comparison
 import fastai_mix.show # MixHandler.show_batch
 
 # %% auto #0
-__all__ = ['ARCHS', 'MIXERS', 'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError', 'fresh_dir',
-           'true_label', 'write_digits', 'has_split', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets',
-           'image_dls', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation', 'train_mixer',
-           't_quantile', 'mean_std', 'paired_summary', 'results_table', 'table_notes', 'plot_accuracy', 'plot_curves',
-           'save_results', 'torch_threads', 'run_demo', 'demo_parser', 'main']
+__all__ = ['ARCHS', 'MIXERS', 'DEFAULT_MIX', 'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError',
+           'fresh_dir', 'true_label', 'write_digits', 'has_split', 'image_classes', 'stage_folder', 'CachedImages',
+           'image_datasets', 'image_dls', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
+           'train_mixer', 't_quantile', 'mean_std', 'paired_summary', 'results_table', 'table_notes', 'plot_accuracy',
+           'plot_curves', 'save_results', 'torch_threads', 'run_demo', 'demo_parser', 'tabular_report', 'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -214,13 +216,17 @@ def make_model(
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 # %% ../nbs/02_demo.ipynb #d292cec5
-MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix)
+MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup)
+DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix and manifold on demand (--mix)
 
 def make_mixer(
-    name:str, # 'none', 'mixup', 'cutmix' or 'resizemix'
+    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'
+    model:nn.Module|None=None, # The model, for 'manifold': the small CNN's conv layers are its places (resnet18's blocks are found by default)
 ):
     "A fresh mixing callback with its default parameters, or None for 'none'"
     if name not in MIXERS: raise ValueError(f"mixer must be one of {tuple(MIXERS)}, got {name!r}")
+    if name == 'manifold' and model is not None and (convs := [m for m in model.children() if isinstance(m, ConvLayer)]):
+        return ManifoldMixup(module_list=convs)
     return None if MIXERS[name] is None else MIXERS[name]()
 
 # %% ../nbs/02_demo.ipynb #8da26de8
@@ -266,8 +272,9 @@ def train_mixer(
     "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history"
     set_seed(seed, reproducible=True)
     dls = image_dls(dsets, bs)
-    cb = make_mixer(mixer)
-    learn = Learner(dls, make_model(arch, dls.c), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
+    model = make_model(arch, dls.c)
+    cb = make_mixer(mixer, model)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
     if show is not None and cb is not None: save_batch(cb, show) # changes nothing: training is the same with or without
     start = time.perf_counter()
     with learn.no_logging(), (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr) # no table of epochs
@@ -433,7 +440,7 @@ def torch_threads(n:int|None):
     finally: torch.set_num_threads(before)
 
 def run_demo(
-    mix:tuple=tuple(MIXERS), # Mixers to compare, among 'none', 'mixup', 'cutmix' and 'resizemix'
+    mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' and 'manifold'
     epochs:int=50, # Epochs per run
     bs:int=32, # Batch size
     size:int=16, # Side of the images fed to the model
@@ -510,7 +517,7 @@ def demo_parser() -> argparse.ArgumentParser:
                                    'per seed; print the paired comparison and write results.md, results.json, accuracy.png, curves.png '
                                    'and a mixed training batch per mixer (batch_<mixer>.png) to --out.')
     def arg(name, help, shown='%(default)s', **kw): d.add_argument(name, help=f"{help} (default: {shown})", **kw)
-    arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, default=','.join(D['mix']), metavar='NAMES', shown='all')
+    arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, default=','.join(D['mix']), metavar='NAMES', shown=','.join(D['mix']))
     arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, default=D['epochs'], metavar='N')
     arg('--noise', 'share of the training labels changed to another class; 0 keeps them', type=_share, default=D['noise'], metavar='F')
     arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, default=D['n_train'], metavar='N')
@@ -525,7 +532,25 @@ def demo_parser() -> argparse.ArgumentParser:
                   'the same noise and subset apply (--noise 0 --n-train all for your labels as they are)',
         type=Path, default=D['data'], metavar='PATH', shown="scikit-learn's digits")
     arg('--out', 'folder for the written images and the results', type=Path, default=Path(D['out']), metavar='PATH')
+    t = sub.add_parser('tabular', help="no mixing against ManifoldMixup on a table bundled with scikit-learn, over seeds",
+                       description="Train fastai's tabular_learner without mixing and with ManifoldMixup, with the same split, "
+                                   "initial weights and batch order per seed, and print the validation error rates.")
+    t.add_argument('--dataset', choices=('breast_cancer', 'wine', 'digits'), default='breast_cancer', help='the table (default: %(default)s)')
+    t.add_argument('--seeds', type=_positive, default=5, metavar='N', help='seeds 0 to N-1 (default: %(default)s)')
+    t.add_argument('--epochs', type=_positive, default=20, metavar='N', help='epochs of fit_one_cycle (default: %(default)s)')
     return p
+
+def tabular_report(
+    res:dict, # {'none': [error rates], 'manifold': [error rates]}, as `tabular_comparison` returns
+) -> str:
+    "The mean ± std of each arm's error rate (%) and of the paired differences, with the 95% paired t-interval"
+    a, b = np.array(res['none']) * 100, np.array(res['manifold']) * 100
+    d, n = b - a, len(a)
+    sd = lambda v: v.std(ddof=1) if len(v) > 1 else 0.
+    half = t_quantile(.975, n - 1) * sd(d) / math.sqrt(n) if n > 1 else float('nan')
+    verdict = 'within the noise' if not (abs(d.mean()) > half) else 'better than none' if d.mean() < 0 else 'worse than none'
+    return (f"error rate %: none {a.mean():.2f} ± {sd(a):.2f}, manifold {b.mean():.2f} ± {sd(b):.2f}; "
+            f"paired difference {d.mean():+.2f} ± {sd(d):.2f} (95% interval {d.mean() - half:+.2f} to {d.mean() + half:+.2f}): {verdict}, over {n} seeds")
 
 def main(
     argv:list[str]|None=None, # Arguments, `sys.argv[1:]` when None
@@ -533,6 +558,11 @@ def main(
     "The `fastai-mix` console script (also `python -m fastai_mix`)"
     args = demo_parser().parse_args(argv)
     import matplotlib; matplotlib.use('Agg') # the command writes its figures to files and shows none
+    if args.command == 'tabular':
+        start = time.perf_counter()
+        with torch_threads(1): res = tabular_comparison(args.dataset, seeds=range(args.seeds), epochs=args.epochs)
+        print(f"{args.dataset}: {tabular_report(res)}\nwall time {time.perf_counter() - start:.0f} s")
+        return
     kw = {k: v for k, v in vars(args).items() if k != 'command'}
     if args.data is not None and not Path(args.data).is_dir(): demo_parser().error(f"--data {args.data} is not a folder")
     try: run_demo(**kw)

@@ -8,7 +8,7 @@ from fastai.data.transforms import get_image_files, parent_label
 from fastai.torch_core import defaults
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai_mix.demo import (main, run_demo, train_mixer, write_digits, stage_folder, noisy_labels, true_label, image_datasets,
+from fastai_mix.demo import (DEFAULT_MIX, main, run_demo, train_mixer, write_digits, stage_folder, noisy_labels, true_label, image_datasets,
                              image_dls, make_model, memorisation, paired_summary, results_table, MIXERS)
 
 NUMS = ('train_loss', 'valid_loss', 'accuracy', 'sec_per_epoch')
@@ -52,7 +52,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     "The whole experiment at tiny size: 4 mixers x 2 seeds, paired, with its pictures and every per-seed number"
     main(['demo', *TINY, '--seeds', '2', '--noise', '0.25', '--out', str(tmp_path)])
     res = read_results(tmp_path, 8)
-    eq_([(r['mixer'], r['seed']) for r in res['runs']], [(m, s) for s in (0, 1) for m in MIXERS])
+    eq_([(r['mixer'], r['seed']) for r in res['runs']], [(m, s) for s in (0, 1) for m in DEFAULT_MIX])
     s = res['settings']
     eq_((s['epochs'], s['n_train'], s['size'], s['bs'], s['arch'], s['noise'], s['seeds'], s['n_changed']), (1, 64, 16, 32, 'small', .25, [0, 1], 16))
     for seed in (0, 1):
@@ -221,3 +221,17 @@ def test_demo_on_gpu(tmp_path, monkeypatch):
     assert res['settings']['device'].startswith('cuda')
     none, *mixed = res['summary']
     assert none['memorised'] > .5 and all(r['accuracy'] > none['accuracy'] for r in mixed), res['summary']
+
+
+def test_fmix_and_manifold_in_the_demo(tmp_path):
+    "FMix and ManifoldMixup (at the small CNN's conv layers) run in the same paired experiment, with their pictures"
+    main(['demo', *TINY, '--seeds', '1', '--noise', '0.25', '--mix', 'none,fmix,manifold', '--out', str(tmp_path)])
+    res = read_results(tmp_path, 3)
+    eq_([r['mixer'] for r in res['runs']], ['none', 'fmix', 'manifold'])
+    for m in ('fmix', 'manifold'): assert (tmp_path/f'batch_{m}.png').stat().st_size > 1000
+
+def test_tabular_command(capsys):
+    "`fastai-mix tabular`: no mixing against ManifoldMixup on a bundled table, paired over seeds"
+    main(['tabular', '--dataset', 'wine', '--seeds', '2', '--epochs', '1'])
+    out = capsys.readouterr().out
+    assert 'wine: error rate %: none' in out and 'paired difference' in out and 'over 2 seeds' in out
