@@ -283,6 +283,19 @@ def test_two_mixers_refused():
     with pytest.raises(ValueError, match='One mixing callback per learner'): learn.fit(1)
     assert learn.loss_func is lf
 
+class SyncCheck(Callback):
+    "Make any host-device sync an error from `before_batch` to `after_loss` (the mixing and the mixed loss)"
+    order = -5
+    def before_batch(self): torch.cuda.set_sync_debug_mode('error')
+    def after_loss(self): torch.cuda.set_sync_debug_mode('default')
+
+def fit_without_sync(learn, n_epoch=1):
+    "Fit `learn` on CUDA, failing on any sync while a batch is mixed and its loss computed"
+    cb = SyncCheck()
+    learn.add_cb(cb)
+    try: learn.fit(n_epoch)
+    finally: torch.cuda.set_sync_debug_mode('default'); learn.remove_cb(cb)
+
 @pytest.mark.parametrize('kwargs,msg', [(dict(alpha=0), 'alpha must be'), (dict(alpha=float('nan')), 'alpha must be'),
     (dict(lam_min=-1), 'lam_min must be'), (dict(lam_max=2), 'lam_max must be'), (dict(lam_min=.5, lam_max=.4), 'lam_min must be <= lam_max'),
     (dict(interpolation='lanczos'), 'interpolation must be one of')])
@@ -303,11 +316,5 @@ def test_cuda_no_host_sync(mixer, loss_func):
     learn = synth_learner(loss_func=loss_func, cbs=mixer(), multi_label=multi, n=64, bs=16, shape=(3, 32, 32))
     learn.dls.to('cuda'); learn.model.cuda()
     m = mixers_on(learn)[0]
-    class SyncCheck(Callback):
-        order = -5
-        def before_batch(self): torch.cuda.set_sync_debug_mode('error')
-        def after_loss(self): torch.cuda.set_sync_debug_mode('default')
-    learn.add_cb(SyncCheck())
-    try: learn.fit(1)
-    finally: torch.cuda.set_sync_debug_mode('default')
+    fit_without_sync(learn)
     assert learn.loss_func is loss_func

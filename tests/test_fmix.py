@@ -16,6 +16,7 @@ from fastai_mix.show import untouched
 from fastai_mix.test_utils import synth_learner, synth_seg_learner, MixSpy, paste_shares
 from test_properties import SETTINGS, alphas, shares, batches, check_common, check_loss, paste_props
 from test_show import named_dls, shown, VOCAB
+from test_callback import fit_without_sync
 
 SHAPES = [(2, 30), (3, 12, 16), (1, 6, 8, 10)] # signals, images, volumes
 def moved(perm): return perm != torch.arange(len(perm), device=perm.device)
@@ -277,13 +278,7 @@ def test_cuda_no_host_sync(mixer, loss_func):
     multi = isinstance(loss_func, BCEWithLogitsLossFlat)
     learn = synth_learner(loss_func=loss_func, cbs=mixer, multi_label=multi, n=64, bs=16, shape=(3, 32, 32))
     learn.dls.to('cuda'); learn.model.cuda()
-    class SyncCheck(Callback):
-        order = -5
-        def before_batch(self): torch.cuda.set_sync_debug_mode('error')
-        def after_loss(self): torch.cuda.set_sync_debug_mode('default')
-    learn.add_cb(SyncCheck())
-    try: learn.fit(1)
-    finally: torch.cuda.set_sync_debug_mode('default')
+    fit_without_sync(learn)
     assert learn.loss_func is loss_func
     x = torch.arange(8., device='cuda').view(8, 1, 1, 1) + .5 * torch.rand(8, 3, 16, 16, device='cuda')
     xm, perm, lam = fmix(x, per_sample=True, generator=torch.Generator('cuda').manual_seed(0))

@@ -23,6 +23,7 @@ from fastai.torch_core import no_random
 from torchvision.models.resnet import BasicBlock
 from fastai_mix import ManifoldMixup, OutputMixup, MixChoice, MixUp, CutMix, MixHandler, mixable_places
 from fastai_mix.test_utils import synth_dls, synth_learner, synth_seg_learner, blend_shares
+from test_callback import fit_without_sync
 
 @pytest.fixture(autouse=True, scope='module')
 def _one_thread():
@@ -422,13 +423,7 @@ def test_cuda_no_host_sync(kind, mixer, fp16):
     learn = LEARNERS[kind](cbs=mixer())
     learn.dls.to('cuda'); learn.model.cuda()
     if fp16: learn.to_fp16()
-    class SyncCheck(Callback):
-        order = -5
-        def before_batch(self): torch.cuda.set_sync_debug_mode('error')
-        def after_loss(self): torch.cuda.set_sync_debug_mode('default')
-    learn.add_cb(SyncCheck())
-    try: learn.fit(1)
-    finally: torch.cuda.set_sync_debug_mode('default')
+    fit_without_sync(learn)
     eq_(hooks(learn.model), {})
 
 @pytest.mark.parametrize('arch,names', [('resnet18', ['input'] + [f'0.{s}.{b}' for s in range(4, 8) for b in range(2)]),
