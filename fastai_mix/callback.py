@@ -21,8 +21,8 @@ __all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss'
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
-    "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`, if any), so the loss is mixed for it"
-    return not y.is_floating_point() and (ref is None or not is_mask(y, len(ref), ref.shape[2:]))
+    "Whether the target `y` holds class indices (not floating point, not a mask of the input `ref`), so the loss is mixed for it"
+    return not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
 
 def _ref(xb:Sequence[Tensor]) -> Tensor:
     "The input that tells the batch size, the device and the spatial size: the first floating point one, else the first (token or category ids)"
@@ -31,7 +31,7 @@ def _ref(xb:Sequence[Tensor]) -> Tensor:
 
 def mixes_loss(yb:Sequence[Tensor], xb:Sequence[Tensor]) -> bool:
     "True when some targets are class indices (not float, not masks of the inputs `xb`), so the loss is mixed"
-    ref = next((x for x in xb if x.is_floating_point()), None)
+    ref = _ref(xb)
     return any(_is_index(y, ref) for y in yb)
 
 def check_targets(yb:Sequence, caller:str='MixHandler'):
@@ -154,9 +154,8 @@ class MixHandler(Callback):
         xb, yb = self.learn.xb, self.learn.yb
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
-        ref = next((o for o in xb if isinstance(o, Tensor) and o.is_floating_point()), None) # the inputs whose spatial size tells masks
-        dev = next((o for o in (ref, *xb, *yb) if isinstance(o, Tensor)), yb[0]).device
-        with rank_draws(self, dev): (xm, ym), perm, lam = self.mix(xb, yb) # under distributed training, each rank its own draws
+        ref = _ref(xb) # the input whose spatial size tells masks, and the batch's device
+        with rank_draws(self, ref.device): (xm, ym), perm, lam = self.mix(xb, yb) # under distributed training, each rank its own draws
         index = [_is_index(y, ref) for y in yb]
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()

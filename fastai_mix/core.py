@@ -88,8 +88,7 @@ def _target_weights(cw, y:Tensor) -> Tensor:
     weight, ignore = cw
     y = y.long()
     keep = y != ignore
-    w = keep.float() if weight is None else weight.float()[torch.where(keep, y, 0)] * keep
-    return w
+    return keep.float() if weight is None else weight.float()[torch.where(keep, y, 0)] * keep
 
 def mix_loss(
     loss_func, # The original loss: a module or function (for per-sample shares, one that accepts `reduction='none'`)

@@ -259,7 +259,7 @@ def memorisation(
 
 def train_mixer(
     dsets:Datasets, # Training and validation images, as `image_datasets` makes them
-    mixer:str, # 'none', 'mixup', 'cutmix' or 'resizemix'
+    mixer:str, # A name of `MIXERS`: 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'
     arch:str='small', # Model, see `make_model`
     epochs:int=5, # Epochs of `fit_one_cycle`
     lr:float=3e-2, # Maximum learning rate of `fit_one_cycle`
