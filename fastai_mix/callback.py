@@ -5,12 +5,13 @@
 # %% ../nbs/01_callback.ipynb #f01cb10d
 from __future__ import annotations
 from collections.abc import Sequence
-import inspect, numbers, hashlib
+import inspect, numbers, hashlib, reprlib, sys
 from contextlib import contextmanager
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
+from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 from .core import *
 from .core import _unmixed, _as_list
@@ -60,6 +61,55 @@ def _scheduled(learn, name:str):
 
 def _loss_itself(loss_func): return loss_func
 
+def _foreign_mixer(cb) -> str|None:
+    "The full name of `cb` when it is a mixing callback that fastai or a fastai extension ships (fastai's `MixHandler`, fastxtend's `MixHandlerX`...), else None"
+    for c in type(cb).__mro__: # read from the classes' modules and names: an extension that is not installed is never imported
+        mod = c.__module__.split('.')
+        if mod[0] in ('fastai', 'fastxtend') and (c.__name__.startswith('MixHandler') or mod[-1] in ('mixup', 'cutmixup')):
+            return f"{type(cb).__module__}.{type(cb).__qualname__}"
+    return None
+
+_added_cbs = inspect.unwrap(Learner.added_cbs).__code__
+
+def _given_to_one_call() -> bool:
+    "Whether the callback being added to a learner now is one of the `cbs` of one call (`fit`, `validate`, `get_preds`): fastai's `Learner.added_cbs` adds it"
+    f = sys._getframe(1)
+    while f is not None and f.f_code is not _added_cbs: f = f.f_back
+    return f is not None
+
+def _names(ms) -> str: return ' and '.join([', '.join(ms[:-1]), ms[-1]] if len(ms) > 1 else ms)
+
+def _checked_mix(caller:str, xb:tuple, yb:tuple, res, ref:Tensor) -> tuple:
+    "What `mix` returned, checked against the subclass contract, with a share given as a number or a 0-d tensor made one share for the batch"
+    contract = "((mixed xb, mixed yb), perm, lam): the inputs and the targets as tuples, the partner of each sample and the share of the original"
+    try: (xm, ym), perm, lam = res
+    except (TypeError, ValueError): raise TypeError(f"{caller}.mix must return {contract}; it returned {reprlib.repr(res)}") from None
+    n = len(ref)
+    for what, given, got in (('input', xb, xm), ('target', yb, ym)):
+        if not isinstance(got, Sequence) or len(got) != len(given): raise TypeError(
+            f"{caller}.mix must return {contract}; it returned {reprlib.repr(got)} for the {len(given)} {what}(s)")
+        for i, (o, m) in enumerate(zip(given, got)):
+            if not isinstance(m, Tensor) or m.shape != o.shape: raise (ValueError if isinstance(m, Tensor) else TypeError)(
+                f"{caller}.mix returned {what} {i} " + (f"of shape {tuple(m.shape)}" if isinstance(m, Tensor) else f"as a {type(m).__name__}") +
+                f" for a{'n' if what == 'input' else ''} {what} of shape {tuple(o.shape)}: a mixer returns each {what} mixed, with its shape")
+    if not (isinstance(perm, Tensor) and perm.shape == (n,) and not perm.is_floating_point()): raise TypeError(
+        f"{caller}.mix must return {contract}; perm must be a tensor of {n} sample indices, one per sample, got {reprlib.repr(perm)}")
+    if isinstance(lam, Tensor) and lam.ndim == 0: lam = float(lam) if lam.device.type == 'cpu' else lam.expand(n) # one share for the batch (no sync)
+    elif isinstance(lam, numbers.Real) and not isinstance(lam, bool): lam = float(lam)
+    if isinstance(lam, Tensor) and lam.shape != (n,): raise ValueError(
+        f"{caller}.mix returned a share of shape {tuple(lam.shape)}: the share of the original is a float for the batch (a number or a 0-d tensor) "
+        f"or a tensor with one share per sample, of shape ({n},) for these {n} samples")
+    if not isinstance(lam, (float, Tensor)): raise TypeError(
+        f"{caller}.mix returned a {type(lam).__name__} as the share: the share of the original is a float for the batch (a number or a 0-d tensor) "
+        f"or a tensor with one share per sample, of shape ({n},)")
+    if not (isinstance(lam, float) and lam == 1) and any(m is not x for x, m in zip(xb, xm) if x.is_floating_point()):
+        for i, (y, m) in enumerate(zip(yb, ym)): # a mask of class indices given back as it was, beside inputs that were mixed
+            if m is y and not y.is_floating_point() and is_mask(y, n, ref.shape[2:]): raise ValueError(
+                f"{caller}.mix mixed the inputs but gave target {i}, a mask of class indices, back as it was, so it no longer matches its inputs. "
+                "A mixer returns masks mixed as the inputs were (CutMix, ResizeMix and FMix paste the same box or region into them); class "
+                "indices cannot be blended: use CutMix or ResizeMix for segmentation")
+    return (tuple(xm), tuple(ym)), perm, lam
+
 def rank_seed() -> int|None:
     "Under distributed training, a seed for this rank's mixing draws: from the global CPU random state (not advanced) and the rank; None in one process"
     if num_distrib() <= 1: return None
@@ -90,8 +140,7 @@ class MixedLoss:
     "The learner's `loss_func` from `after_pred` to the batch's loss call: mixes that call, and stands for the original loss otherwise"
     def __init__(self, mixer, loss_func): object.__setattr__(self, 'mixer', mixer); object.__setattr__(self, 'loss_func', loss_func)
     def __call__(self, pred, *yb, **kwargs):
-        m = self.mixer
-        if m._old_lf is self.loss_func and not kwargs and pred is getattr(m.learn, 'pred', None): return m.mixed_loss(pred, *yb) # the batch's loss call
+        if self.mixer._is_loss_call(self, pred, yb, kwargs): return self.mixer.mixed_loss(pred, *yb) # the batch's loss call
         return self.loss_func(pred, *yb, **kwargs) # any other call (this was left behind by an exception before the loss call): the original loss
     def __getattr__(self, name): return getattr(self.loss_func, name) # `reduction`, `activation`, `decodes`...
     def __setattr__(self, name, value): setattr(self.loss_func, name, value) # fastai's `NoneReduce` sets `reduction`
@@ -102,8 +151,10 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_rank_seed', '_rank_states') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
     _rank_seed = _rank_states = None # this rank's random streams under distributed training
+    _per_call = _idle = False # given to one fit (not to the learner); idle for a fit that was given another mixer
+    _attr_name = None # its attribute on the learner when not fastai's usual name: see `name`
     _choice = None # the `MixChoice` that holds this mixer, if any
     per_sample_choice = True # whether `MixChoice(per_sample=True)` can hold it (a mixer that mixes inside the model cannot)
     def __init__(self,
@@ -119,7 +170,16 @@ class MixHandler(Callback):
         if name in self._stateattrs: object.__setattr__(self, name, value)
         else:
             if name == 'learn' and value is None and getattr(self, 'learn', None) is not None: self._reset() # removed from the learner (the end of a fit it was given to, however it ended)
+            if name == 'learn': self._per_call = value is not None and _given_to_one_call()
+            if name == 'learn' and value is not None: # fastai sets `learn.<name>` next, and deletes it when a fit's callback goes
+                taken = getattr(value, Callback.name.fget(self), None)
+                self._attr_name = f"{Callback.name.fget(self)}_fit" if self._per_call and isinstance(taken, Callback) and taken is not self else None
             super().__setattr__(name, value)
+
+    @property
+    def name(self) -> str:
+        "Its attribute on the learner, `learn.cut_mix`; `learn.cut_mix_fit` for one given to a fit whose learner has a `learn.cut_mix` already, which keeps it"
+        return self._attr_name or super().name
 
     def _check_loss(self):
         "Raise `TypeError` unless the learner's loss can give one loss per sample, as per-sample shares need (checked once per loss)"
@@ -150,12 +210,13 @@ class MixHandler(Callback):
 
     def before_batch(self):
         "Mix the inputs and the dense targets or masks, and (for class-index targets) keep the partners' targets for the loss"
-        if self.learn.pct_train >= self.stop_pct or self.current('p') == 0: return # no draw at all: trains as without the mixer
+        if self._idle or self.learn.pct_train >= self.stop_pct or self.current('p') == 0: return # no draw at all: trains as without the mixer
         xb, yb = self.learn.xb, self.learn.yb
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
         ref = _ref(xb) # the input whose spatial size tells masks, and the batch's device
-        with rank_draws(self, ref.device): (xm, ym), perm, lam = self.mix(xb, yb) # under distributed training, each rank its own draws
+        with rank_draws(self, ref.device): res = self.mix(xb, yb) # under distributed training, each rank its own draws
+        (xm, ym), perm, lam = _checked_mix(type(self).__name__, xb, yb, res, ref)
         index = [_is_index(y, ref) for y in yb]
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
@@ -167,6 +228,12 @@ class MixHandler(Callback):
         if self.yb1 is not None and self._old_lf is None:
             self._old_lf = lf = self.learn.loss_func
             self.learn.loss_func = MixedLoss(self, lf)
+
+    def _is_loss_call(self, stand_in:MixedLoss, pred, yb:tuple, kwargs:dict) -> bool:
+        "Whether a call of `stand_in` is the loss call of the batch this mixer mixed: in training, with the batch's own prediction and targets"
+        learn = self.learn # the state is this batch's: every way out of a batch or of training puts it away
+        return (self._old_lf is stand_in.loss_func and not kwargs and getattr(learn, 'training', False) and pred is learn.pred
+                and len(yb) == len(learn.yb) and all(y is o for y, o in zip(yb, learn.yb)))
 
     def mixed_loss(self, pred, *yb):
         "The original loss against both targets, weighted by the shares; puts the original loss back first"
@@ -187,15 +254,38 @@ class MixHandler(Callback):
 
     def after_loss(self): self._restore_loss()
     def after_batch(self): self._reset()
+    def after_train(self): self._reset() # also after a cancel that skipped `after_batch` (`CancelTrainException`, `CancelEpochException`)
+    def after_epoch(self): self._reset()
+    def before_validate(self): self._reset() # `get_preds(inner=True)` fires no `before_fit`
     def before_fit(self):
         self._reset() # after a fit ended by an interrupt inside the loss swap
+        self._check_mixers()
         self._rank_seed, self._rank_states = rank_seed(), None # same seed and world size, same draws on each rank
-    def before_train(self):
-        others = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler) and cb is not self]
-        if others: raise ValueError(f"One mixing callback per learner: {type(self).__name__} found {', '.join(others)} on the learner too. "
-                                    f"To pick one of them at random for each batch, use MixChoice([{type(self).__name__}(), {others[0]}()]); "
-                                    "or remove one (learn.remove_cb), or pass a mixer to a single fit (learn.fit(..., cbs=MixUp())).")
-    def after_fit(self): self._reset()
+    def after_fit(self): self._reset(); self._idle = False
+
+    def _check_mixers(self):
+        "Refuse a second mixing callback at this one's level, or fastai's own; a mixer given to this fit leaves the learner's idle for it"
+        cbs = list(self.learn.cbs)
+        ours, theirs = [cb for cb in cbs if isinstance(cb, MixHandler)], [n for n in map(_foreign_mixer, cbs) if n]
+        fit = [cb for cb in ours if cb._per_call]
+        level = fit or ours # the mixers of this fit if it was given any, else the learner's
+        self._idle = self not in level
+        if self._idle: return # the mixers that do mix this fit say what is wrong
+        if theirs: raise ValueError(
+            f"{_names(theirs)} and {_names([type(cb).__name__ for cb in ours])} would both mix every batch, one on top of the other: "
+            "remove one (learn.remove_cb, or leave it out of cbs). fastai_mix's mixers cannot be combined with the mixing callbacks of fastai "
+            "or of a fastai extension; fastai_mix has MixUp and CutMix too, and MixChoice picks one of several mixers at random for each batch.")
+        if len(level) > 1:
+            names = [type(cb).__name__ for cb in level]
+            choice = (f"MixChoice([{', '.join(n + '()' for n in names)}])" if not any(isinstance(cb, MixChoice) for cb in level)
+                      else "one MixChoice that holds all of their mixers")
+            raise ValueError(f"One mixing callback per fit: {_names(names)} were both given to this fit, and each would mix every batch "
+                             f"(fastai issue 3486). To pick one of them at random for each batch, give {choice} instead, or give only one."
+                             if fit else
+                             f"One mixing callback per learner: {_names(names)} are both on the learner, and each would mix every batch "
+                             f"(fastai issue 3486). To pick one of them at random for each batch, use {choice}; or remove one "
+                             f"(learn.remove_cb(learn.{level[0].name})). A mixer given to one fit (learn.fit(..., cbs=CutMix())) "
+                             "replaces the learner's for that fit.")
 
 
 # %% ../nbs/01_callback.ipynb #78091ed5
@@ -293,8 +383,8 @@ class MixChoice(MixHandler):
     def _chances(self) -> list[float]:
         "Chance of each pick: left alone, then each mixer (0 for one past its own `stop_pct`)"
         p, pct = self.current('p'), self._pct
-        live = [w if pct is None or pct < m.stop_pct else 0. for m, w in zip(self.mixers, self.weights)]
-        return [1 - p * sum(live)] + [p * w for w in live]
+        live = [p * w if pct is None or pct < m.stop_pct else 0. for m, w in zip(self.mixers, self.weights)]
+        return [max(0., 1 - sum(live))] + live # the weights' rounding can take their sum a little past 1: then nothing is left alone
 
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"

@@ -111,8 +111,11 @@ def mix_loss(
     mixed = torch.where(w == 1, l0, torch.lerp(loss1.reshape(n, -1), l0, w)) # a sample left alone is its own loss, whatever its partner's
     if reduction == 'mean' and cw is not None and len(yb) == 1 and not yb[0].is_floating_point():
         tw, tw1 = _target_weights(cw, yb[0]).reshape(n, -1), _target_weights(cw, yb1[0]).reshape(n, -1)
-        return mixed.sum() / torch.lerp(tw1, tw, w.to(tw.dtype)).sum().to(mixed.dtype)
-    return reduce_loss(mixed.reshape(loss.shape), reduction)
+        res = mixed.sum() / torch.lerp(tw1, tw, w.to(tw.dtype)).sum().to(mixed.dtype)
+    else: res = reduce_loss(mixed.reshape(loss.shape), reduction)
+    if reduction == 'none': return res # a sample left alone is already its own loss, bit for bit
+    plain = _plain(loss_func(pred, *yb)) # reduced by the loss itself: with every share 1 this is the result, bit for bit (picked on the device: no sync)
+    return torch.where((w == 1).all(), plain, res) if plain.shape == res.shape else res
 
 
 # %% ../nbs/00_core.ipynb #83fbd668
