@@ -292,6 +292,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastai_mix.show._check_count': ('show.html#_check_count', 'fastai_mix/show.py'),
                                  'fastai_mix.show._just_seeded': ('show.html#_just_seeded', 'fastai_mix/show.py'),
                                  'fastai_mix.show._random_states': ('show.html#_random_states', 'fastai_mix/show.py'),
+                                 'fastai_mix.show._seed_mark': ('show.html#_seed_mark', 'fastai_mix/show.py'),
+                                 'fastai_mix.show._table': ('show.html#_table', 'fastai_mix/show.py'),
                                  'fastai_mix.show._train_dl': ('show.html#_train_dl', 'fastai_mix/show.py'),
                                  'fastai_mix.show._unseeded': ('show.html#_unseeded', 'fastai_mix/show.py'),
                                  'fastai_mix.show.label_str': ('show.html#label_str', 'fastai_mix/show.py'),
