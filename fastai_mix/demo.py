@@ -4,15 +4,16 @@
 
 # %% ../nbs/02_demo.ipynb #5207be9b
 from __future__ import annotations
-import argparse, contextlib, inspect, json, math, shutil, time
+import argparse, contextlib, functools, inspect, json, math, multiprocessing, os, shutil, time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 from PIL import Image
 from fasttransform import Transform, Pipeline
-from fastai.torch_core import set_seed, default_device
+from fastai.torch_core import set_seed, default_device, defaults
 from fastai.layers import ConvLayer, Flatten
 from fastai.data.core import DataLoaders, Datasets
-from fastai.data.transforms import (Categorize, GrandparentSplitter, IntToFloatTensor, Normalize, RandomSplitter, ToTensor,
+from fastai.data.transforms import (Categorize, IntToFloatTensor, Normalize, RandomSplitter, ToTensor,
                                     get_image_files, parent_label)
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.augment import Resize, aug_transforms
@@ -28,10 +29,11 @@ import fastai_mix.show # MixHandler.show_batch
 
 # %% auto #0
 __all__ = ['ARCHS', 'MIXERS', 'DEFAULT_MIX', 'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError',
-           'fresh_dir', 'true_label', 'write_digits', 'has_split', 'image_classes', 'stage_folder', 'CachedImages',
-           'image_datasets', 'image_dls', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
-           'train_mixer', 't_quantile', 'mean_std', 'paired_summary', 'results_table', 'table_notes', 'plot_accuracy',
-           'plot_curves', 'save_results', 'torch_threads', 'run_demo', 'demo_parser', 'tabular_report', 'main']
+           'own_dir', 'fresh_dir', 'true_label', 'write_digits', 'has_split', 'folder_label', 'image_classes',
+           'stage_folder', 'CachedImages', 'image_datasets', 'image_dls', 'small_cnn', 'make_model', 'make_mixer',
+           'save_batch', 'memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_summary', 'results_table',
+           'table_notes', 'plot_accuracy', 'plot_curves', 'save_results', 'torch_threads', 'check_data', 'run_demo',
+           'demo_parser', 'tabular_report', 'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -78,17 +80,23 @@ def noisy_labels(
 class DemoError(ValueError):
     "A setting of the demo that cannot work with the data or the folders given; `fastai-mix` reports it as a usage error"
 
-_MARKER = '.fastai_mix_demo' # marks the folders the demo writes, the only ones it empties
+_MARKER = '.fastai_mix_demo' # marks the folders the demo writes: --out and its image folders, the only ones it writes into
+
+def own_dir(path:Path) -> Path:
+    "Create the folder `path`, or check that it is empty or one the demo wrote, and mark it as the demo's"
+    path = Path(path)
+    if path.exists() and not path.is_dir(): raise DemoError(f"--out {path} is a file, not a folder: give a new or empty folder as --out")
+    if path.exists() and any(path.iterdir()) and not (path/_MARKER).exists():
+        raise DemoError(f"{path} is not empty and was not written by the demo (it has no {_MARKER} file), and the demo writes "
+                        f"nothing into a folder it does not own: give a new or empty folder as --out")
+    try: path.mkdir(parents=True, exist_ok=True); (path/_MARKER).touch()
+    except OSError as e: raise DemoError(f"--out {path} cannot be written ({e.strerror}): give a new or empty folder as --out") from None
+    return path
 
 def fresh_dir(path:Path) -> Path:
     "Empty (or create) the folder `path`, which must be one the demo wrote, and mark it as the demo's"
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path/_MARKER).exists():
-        raise DemoError(f"{path} is not empty and was not written by the demo; give another --out, or empty it")
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    (path/_MARKER).touch()
-    return path
+    shutil.rmtree(own_dir(path))
+    return own_dir(path)
 
 def true_label(fname:Path) -> str:
     "The original label of an image the demo wrote or linked, kept in its name `<index>_<label>.<ext>`"
@@ -120,10 +128,22 @@ def has_split(path:Path, train:str='train', valid:str='valid') -> bool:
     "True when `path` holds `train` and `valid` sub-folders"
     return (Path(path)/train).is_dir() and (Path(path)/valid).is_dir()
 
+def folder_label(
+    f:Path, # An image file under `root`
+    root:Path, # Image folder: one sub-folder per class, or `train` and `valid` sub-folders of those
+    split:bool|None=None, # Whether `root` has `train` and `valid` sub-folders (None: look)
+) -> str:
+    "The class of the image `f`: the sub-folder of `root` (of `root/train` or `root/valid`) that holds it, however deep"
+    return Path(f).relative_to(root).parts[int(has_split(root) if split is None else split)]
+
 def image_classes(path:Path) -> list[str]:
-    "Sorted class names of an image folder: its sub-folders holding images, or those of `train` and `valid`"
+    "Sorted class names of an image folder: its sub-folders holding images, or those of `train` and `valid`; no image may lie beside them"
     path = Path(path)
     roots = [path/'train', path/'valid'] if has_split(path) else [path]
+    if stray := [f for r in roots for f in get_image_files(r, recurse=False)]:
+        names = ', '.join(str(f.relative_to(path)) for f in stray[:5]) + ', ...' * (len(stray) > 5)
+        raise DemoError(f"--data {path}: {len(stray)} image{' lies' if len(stray) == 1 else 's lie'} beside the class folders, in no class "
+                        f"({names}): move each image into the sub-folder of its class")
     names = {o.name for r in roots for o in r.iterdir() if o.is_dir() and not o.name.startswith('.') and get_image_files(o)}
     if not names: raise DemoError(f"{path} has no class sub-folders holding images: give a folder with one sub-folder of images per class")
     return sorted(names)
@@ -138,7 +158,9 @@ def stage_folder(
 ) -> Path:
     "Link the images of `src` into `dest/train/<class>` and `dest/valid/<class>`, with a subset and label noise"
     src, vocab = Path(src), image_classes(src)
-    if has_split(src):
+    split = has_split(src)
+    label = functools.partial(folder_label, root=src, split=split)
+    if split:
         tr, va = get_image_files(src/'train'), get_image_files(src/'valid')
         tr = tr[np.random.default_rng(seed).permutation(len(tr))]
     else:
@@ -146,13 +168,13 @@ def stage_folder(
         t, v = split_idxs(len(files), valid_pct, seed)
         tr, va = files[t], files[v]
     tr = tr[:n_train]
-    y = [vocab.index(parent_label(f)) for f in tr]
+    y = [vocab.index(label(f)) for f in tr]
     dest = fresh_dir(dest)
-    for split, items, labels in (('train', tr, noisy_labels(y, noise, len(vocab), seed)), ('valid', va, [vocab.index(parent_label(f)) for f in va])):
+    for split, items, labels in (('train', tr, noisy_labels(y, noise, len(vocab), seed)), ('valid', va, [vocab.index(label(f)) for f in va])):
         for i, (f, lbl) in enumerate(zip(items, labels)):
             d = dest/split/vocab[lbl]
             d.mkdir(parents=True, exist_ok=True)
-            link = d/f"{i:05d}_{parent_label(f)}{f.suffix}"
+            link = d/f"{i:05d}_{label(f)}{f.suffix}"
             try: link.symlink_to(f.resolve())
             except OSError: shutil.copy2(f, link) # no symlinks (Windows without the right): copy
     return dest
@@ -174,11 +196,14 @@ def image_datasets(
     seed:int=42, # Seed of the split, when `path` has no `train`/`valid` split
     valid_pct:float=0.2, # Share for validation, when `path` has no split
 ) -> Datasets:
-    "fastai `Datasets` of (image, class) of an image folder, labelled by their sub-folder, the images read once into memory"
-    path, vocab = Path(path), image_classes(path)
-    if has_split(path): files, splitter = get_image_files(path, folders=['train', 'valid']), GrandparentSplitter()
-    else: files, splitter = get_image_files(path), RandomSplitter(valid_pct, seed)
-    return Datasets(files, [[CachedImages(files, size)], [parent_label, Categorize(vocab)]], splits=splitter(files))
+    "fastai `Datasets` of (image, class) of an image folder, labelled by their class folder, the images read once into memory"
+    path, vocab, split = Path(path), image_classes(path), has_split(path)
+    if split:
+        files = get_image_files(path, folders=['train', 'valid'])
+        splits = [[i for i, f in enumerate(files) if f.relative_to(path).parts[0] == s] for s in ('train', 'valid')]
+    else: files = get_image_files(path); splits = RandomSplitter(valid_pct, seed)(files)
+    label = functools.partial(folder_label, root=path, split=split)
+    return Datasets(files, [[CachedImages(files, size)], [label, Categorize(vocab)]], splits=splits)
 
 def image_dls(
     dsets:Datasets, # As `image_datasets` makes them
@@ -234,10 +259,11 @@ def save_batch(
     mixer, # A mixer on a learner
     fname:Path, # PNG file to write
     max_n:int=8, # Number of samples, in two rows
+    seed:int|None=None, # Seed of the batch and the mix (see `show_batch`)
 ) -> Path:
     "Write the mixer's `show_batch` of its learner's data, titled with the mixer's name, to `fname`"
     import matplotlib.pyplot as plt
-    fig = mixer.show_batch(max_n=max_n, nrows=2, show=False)
+    fig = mixer.show_batch(max_n=max_n, nrows=2, seed=seed, show=False)
     fig.suptitle(type(mixer).__name__)
     fig.tight_layout()
     fig.savefig(fname, dpi=60)
@@ -265,7 +291,7 @@ def train_mixer(
     lr:float=3e-2, # Maximum learning rate of `fit_one_cycle`
     bs:int=64, # Batch size
     seed:int=42, # Seed of the data order and the initial weights (then of the augmentation and the mixing)
-    show:Path|None=None, # PNG file for a mixed training batch (`show_batch`), drawn before training
+    show:Path|None=None, # PNG file for a mixed training batch (`show_batch` seeded with `seed`), drawn before training
     noisy:bool=False, # Some training labels were changed (files named by `write_digits` or `stage_folder`): measure `memorisation`
     progress:bool=True, # Show fastai's progress bar over the epochs (not its table of epochs)
 ) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, `memorisation`, sec_per_epoch and the per-epoch `history`
@@ -275,7 +301,7 @@ def train_mixer(
     model = make_model(arch, dls.c)
     cb = make_mixer(mixer, model)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
-    if show is not None and cb is not None: save_batch(cb, show) # changes nothing: training is the same with or without
+    if show is not None and cb is not None: save_batch(cb, show, seed=seed) # changes nothing: training is the same with or without
     start = time.perf_counter()
     with learn.no_logging(), (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr) # no table of epochs
     secs = time.perf_counter() - start
@@ -439,6 +465,41 @@ def torch_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(before)
 
+def check_data(
+    data:Path, # The image folder of `--data`
+    out:Path, # The folder of `--out`
+) -> list[str]: # The class names
+    "Check that the image folder `data` can be trained on, with the results written to `out`, and return its classes"
+    data, out = Path(data), Path(out)
+    if not data.is_dir(): raise DemoError(f"--data {data} is not a folder")
+    d, o = data.resolve(), out.resolve()
+    if o == d or d in o.parents:
+        raise DemoError(f"--out {out} is inside --data {data}: the demo would train on its own output; give an --out outside the image folder")
+    if o in d.parents: raise DemoError(f"--data {data} is inside --out {out}, whose folders the demo rewrites: give an --out outside the image folder")
+    vocab = image_classes(data)
+    if len(vocab) < 2:
+        raise DemoError(f"--data {data} has a single class folder ({vocab[0]!r}): the demo trains a classifier, which needs at least 2 classes, "
+                        "one sub-folder of images per class")
+    return vocab
+
+def _usable_cpus() -> int:
+    "The number of CPU cores this process may run on"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+@functools.lru_cache(maxsize=1)
+def _seed_datasets(path:str, size:int, seed:int) -> Datasets: return image_datasets(Path(path), size, seed=seed) # once per seed and process
+
+def _train_run(path:str, size:int, mixer:str, seed:int, **kwargs) -> tuple:
+    "One run of the demo, on the images of `path`: `train_mixer`'s dict, and the numbers of training and validation images"
+    dsets = _seed_datasets(path, size, seed)
+    return train_mixer(dsets, mixer, seed=seed, **kwargs), len(dsets.train), len(dsets.valid)
+
+def _start_worker(use_cuda, threads:int|None):
+    "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files"
+    import matplotlib; matplotlib.use('Agg')
+    defaults.use_cuda = use_cuda
+    if threads is not None: torch.set_num_threads(threads)
+
 def run_demo(
     mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' and 'manifold'
     epochs:int=50, # Epochs per run
@@ -448,39 +509,65 @@ def run_demo(
     lr:float=0.01, # Maximum learning rate of `fit_one_cycle`
     noise:float=0.4, # Share of the training labels changed to another class
     data:Path|None=None, # Image folder to use instead of the digits
-    out:Path='demo_out', # Folder for the images the demo writes and the results
+    out:Path='demo_out', # Folder for the images the demo writes and the results: new, empty, or one the demo wrote
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
     seeds:int=3, # Number of seeds: every mixer is trained once per seed
     n_train:int|None=200, # Keep only this many training images (all when None)
-    threads:int|None=1, # CPU threads of torch during the demo (put back after); None keeps torch's setting
-    progress:bool=True, # Show fastai's progress bar during each run
+    jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs
+    threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
+    progress:bool=True, # Show fastai's progress bar during each run (only with `jobs=1`)
 ) -> dict: # settings, summary (as `paired_summary` returns) and runs (as `train_mixer` returns): `results.json`
     "Train the same model once per mixer and seed on the digits (or `data`), print the paired comparison and save it to `out`"
     for m in mix: make_mixer(m) # check the names before any work
     make_model(arch, 2); noise = check_noise(noise)
     if n_train is not None and n_train < 1: raise ValueError(f"n_train must be a positive number of images, got {n_train!r}")
     if seeds < 1: raise ValueError(f"seeds must be a positive number of seeds, got {seeds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    for k, v in dict(jobs=jobs, threads=threads).items():
+        if v is not None and v < 1: raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
     out, start, seed_list = Path(out), time.perf_counter(), list(range(seed, seed + seeds))
+    if data is not None: check_data(data, out)
+    own_dir(out) # before anything is written
     staged = data is None or noise > 0 or n_train is not None # else `data` is read in place
     root = fresh_dir(out/('digits' if data is None else 'data')) if staged else Path(data)
-    out.mkdir(parents=True, exist_ok=True)
-    runs, batches = [], {m: out/f'batch_{m}.png' for m in mix if m != 'none'}
-    with torch_threads(threads):
-        for s in seed_list:
-            if data is None: path = write_digits(root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
-            elif staged: path = stage_folder(data, root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
-            else: path = root
-            dsets = image_datasets(path, size, seed=s) # the same images for every mixer of this seed
-            for m in mix:
-                r = train_mixer(dsets, m, arch=arch, epochs=epochs, lr=lr, bs=bs, seed=s, show=batches.get(m) if s == seed else None,
-                                noisy=noise > 0, progress=progress)
-                runs.append(r)
-                memo = '' if r['memorised'] is None else f", memorised {r['memorised']:.1%}"
-                print(f"{m:>9} seed {s}: accuracy {r['accuracy']:.1%}{memo} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
+    batches = {m: out/f'batch_{m}.png' for m in mix if m != 'none'}
+    for m in MIXERS: (out/f'batch_{m}.png').unlink(missing_ok=True) # no picture of an earlier run stays
+    paths = {} # every seed's images, written before any run needs them
+    for s in seed_list:
+        if data is None: paths[s] = write_digits(root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
+        elif staged: paths[s] = stage_folder(data, root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
+        else: paths[s] = root
+    todo = [(m, s) for s in seed_list for m in mix] # the runs, in the order of the table
+    jobs = min(jobs or _usable_cpus(), len(todo))
+    def run_kw(m, s): # `_train_run`'s arguments for mixer `m` and seed `s`
+        return dict(path=str(paths[s]), size=size, mixer=m, seed=s, arch=arch, epochs=epochs, lr=lr, bs=bs, noisy=noise > 0,
+                    show=batches.get(m) if s == seed else None, progress=progress and jobs == 1)
+    done = {}
+    def finished(m, s, res):
+        done[m, s] = res
+        r = res[0]
+        memo = '' if r['memorised'] is None else f", memorised {r['memorised']:.1%}"
+        print(f"{m:>9} seed {s}: accuracy {r['accuracy']:.1%}{memo} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
+    if jobs == 1:
+        try:
+            with torch_threads(threads):
+                for t in todo: finished(*t, _train_run(**run_kw(*t)))
+        finally: _seed_datasets.cache_clear()
+    else:
+        print(f"training {len(todo)} runs in {jobs} processes; a line as each run ends", flush=True)
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
+                                   initargs=(defaults.use_cuda, threads))
+        try:
+            futures = {pool.submit(_train_run, **run_kw(*t)): t for t in todo}
+            for f in as_completed(futures): finished(*futures[f], f.result())
+        finally: pool.shutdown(cancel_futures=True)
+    runs = [done[t][0] for t in todo]
     settings = dict(mix=list(mix), seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
-                    n_train_images=len(dsets.train), n_valid_images=len(dsets.valid), n_changed=runs[0]['n_changed'],
+                    n_train_images=done[todo[-1]][1], n_valid_images=done[todo[-1]][2], n_changed=runs[0]['n_changed'],
                     data=str(data) if data is not None else 'sklearn digits', images=str(root), device=str(default_device()),
-                    torch=torch.__version__, wall_seconds=None)
+                    torch=torch.__version__, threads=threads, jobs=jobs, wall_seconds=None)
     settings['wall_seconds'] = round(time.perf_counter() - start, 1) # what the table took, before writing it
     paths = [*save_results(runs, settings, out).values(), *batches.values()]
     print(f"\n{results_table(paired_summary(runs))}\n\n{table_notes(settings)}\n\n"
@@ -497,6 +584,16 @@ def _mixers(s:str) -> tuple:
 def _positive(s:str) -> int:
     if not s.isdigit() or int(s) < 1: raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return int(s)
+
+def _natural(s:str) -> int:
+    if not s.isdigit(): raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return int(s)
+
+def _positive_float(s:str) -> float:
+    try: v = float(s)
+    except ValueError: v = math.nan
+    if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
+    return v
 
 def _n_train(s:str) -> int|None:
     if s == 'all': return None
@@ -523,15 +620,20 @@ def demo_parser() -> argparse.ArgumentParser:
     arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, default=D['n_train'], metavar='N')
     arg('--seeds', 'number of seeds: each mixer is trained once per seed', type=_positive, default=D['seeds'], metavar='N')
     arg('--seed', 'first seed; a seed fixes the split, the training subset, the wrong labels, the data order and the initial weights',
-        type=int, default=D['seed'], metavar='N')
+        type=_natural, default=D['seed'], metavar='N')
     arg('--bs', 'batch size', type=_positive, default=D['bs'], metavar='N')
     arg('--size', 'side of the images fed to the model, in pixels', type=_positive, default=D['size'], metavar='PX')
     arg('--arch', 'model: a small CNN, or resnet18 from random weights', choices=ARCHS, default=D['arch'])
-    arg('--lr', 'maximum learning rate of fit_one_cycle', type=float, default=D['lr'])
-    arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits; '
+    arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float, default=D['lr'])
+    arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits: an image is of '
+                  'the class folder that holds it, however deep; images beside the class folders, in no class, are refused; '
                   'the same noise and subset apply (--noise 0 --n-train all for your labels as they are)',
         type=Path, default=D['data'], metavar='PATH', shown="scikit-learn's digits")
-    arg('--out', 'folder for the written images and the results', type=Path, default=Path(D['out']), metavar='PATH')
+    arg('--out', 'folder for the written images and the results: a new or empty folder, or one the demo wrote before; '
+                 'not inside --data', type=Path, default=Path(D['out']), metavar='PATH')
+    arg('--jobs', 'processes training the runs at once; the numbers are the same whatever it is (fastai\'s progress bars only with 1)',
+        type=_positive, default=D['jobs'], metavar='N', shown='the usable CPU cores, at most the number of runs')
+    arg('--threads', "torch's CPU threads per run", type=_positive, default=D['threads'], metavar='N')
     t = sub.add_parser('tabular', help="no mixing against ManifoldMixup on a table bundled with scikit-learn, over seeds",
                        description="Train fastai's tabular_learner without mixing and with ManifoldMixup, with the same split, "
                                    "initial weights and batch order per seed, and print the validation error rates.")
@@ -564,6 +666,5 @@ def main(
         print(f"{args.dataset}: {tabular_report(res)}\nwall time {time.perf_counter() - start:.0f} s")
         return
     kw = {k: v for k, v in vars(args).items() if k != 'command'}
-    if args.data is not None and not Path(args.data).is_dir(): demo_parser().error(f"--data {args.data} is not a folder")
     try: run_demo(**kw)
     except DemoError as e: demo_parser().error(str(e))

@@ -52,6 +52,8 @@ def fourier_noise(
     f = fourier_freqs(size, device)
     f0 = 1 / max(size) # the lowest frequency; the constant term gets its scale too, as in the paper
     scale = (f0 / f.clamp(min=f0)) ** decay_power # the paper's 1/max(f, f0)**d, divided by its largest value
+    scale[..., 0] *= 2 ** .5 # the last axis' 0 bin, and its Nyquist bin for an even side: irfftn keeps half their power
+    if size[-1] % 2 == 0: scale[..., -1] *= 2 ** .5
     spec = torch.view_as_complex(torch.randn(n, *f.shape, 2, device=device, generator=generator)) * scale
     return torch.fft.irfftn(spec, s=tuple(size), dim=tuple(range(1, len(size) + 1)))
 

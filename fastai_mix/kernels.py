@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_kernels.ipynb #a5319d8d
 from __future__ import annotations
-import warnings
+import threading, warnings, weakref
 from collections.abc import Sequence
 import torch
 from torch import Tensor
@@ -74,6 +74,19 @@ def _p2(n:int) -> int: return 1 << max(int(n) - 1, 0).bit_length()
 
 def _plain(t:Tensor) -> Tensor: return t.as_subclass(Tensor) if type(t) is not Tensor else t
 
+def _check_perm(
+    perm:Tensor, # Partner of each sample, any strides
+    n:int, # Batch size
+    alone:Tensor|None=None, # True for the samples that do not read their partner (a share of 1)
+) -> Tensor: # `perm`, contiguous, as the kernels read it
+    "Raise for a partner index outside [0, n), as `x[perm]` does: at once on the CPU, on a GPU at its next sync (no wait here)"
+    perm = _plain(perm).contiguous()
+    ok = (perm >= 0) & (perm < n)
+    if alone is not None: ok |= alone
+    if perm.is_cuda: torch._assert_async(ok.all(), f"perm must hold partner indices in [0, {n})") # a device-side assert, as x[perm]'s
+    elif not ok.all(): raise IndexError(f"perm must hold partner indices in [0, {n}), got {perm[~ok][:5].tolist()}")
+    return perm
+
 class _on_device:
     "Launch on `x`'s GPU: Triton launches on the current one"
     def __init__(self, x): self.ctx = torch.cuda.device(x.device) if x.is_cuda and x.device.index != torch.cuda.current_device() else None
@@ -117,6 +130,7 @@ def _lerp(x, perm, lam, exact=True) -> Tensor:
         lam = _plain(lam).reshape(n)
         if lam.dtype not in (torch.float32, x.dtype): lam = lam.to(x.dtype) # rounded as lerp_mix rounds it (float32 is rounded in the kernel)
         lam = lam.contiguous()
+    perm = _check_perm(perm, n, lam.to(x.dtype) == 1 if per_sample else None) # a sample of share 1 does not read its partner
     block = min(_p2(m), 4096)
     n_jb, xp = triton.cdiv(m, block), _plain(x)
     with _on_device(x):
@@ -214,6 +228,7 @@ def _box_plan(x, perm, box, inplace) -> tuple[str|None, list|None]:
     return None, [[1, 0, 1]] * (4 - len(dims)) + dims
 
 def _paste_box(x, perm, dims, inplace) -> Tensor:
+    perm = _check_perm(perm, len(x))
     if dims is None: return x if inplace else x.clone(memory_format=torch.preserve_format) # an empty box
     n, m = len(x), x.numel() // len(x)
     (s0, l0, h0), (s1, l1, h1), (s2, l2, h2), (L, l3, h3) = dims
@@ -273,6 +288,7 @@ def _boxes_plan(x, perm, mask) -> tuple[str|None, tuple|None]:
     return None, ([[1, 0]] * (3 - len(outer)) + outer, inner)
 
 def _paste_boxes(x, perm, mask, plan) -> Tensor:
+    perm = _check_perm(perm, len(x))
     ((s0, ms0), (s1, ms1), (s2, ms2)), (L, msl, inner) = plan
     n, m, R = len(x), x.numel() // len(x), s0 * s1 * s2
     bl = min(_p2(L), 1024)
@@ -296,18 +312,51 @@ def fused_paste_boxes(
     return _paste_boxes(x, perm, mask, plan)
 
 # %% ../nbs/06_kernels.ipynb #82623ad3
-_HOOKS = { # what the core calls: the kernel's result, or None for its PyTorch path
-    'lerp_mix': lambda x, perm, lam, exact=True: None if _lerp_why(x, perm, lam) else _lerp(x, perm, lam, exact),
-    'paste_box': lambda x, perm, box, inplace=False: None if (p := _box_plan(x, perm, box, inplace))[0] else _paste_box(x, perm, p[1], inplace),
-    'paste_boxes': lambda x, perm, mask: None if (p := _boxes_plan(x, perm, mask))[0] else _paste_boxes(x, perm, mask, p[1]),
+_HOOKS = { # what the core calls: the kernel's result, or None for its PyTorch path (also where this thread has the kernels off)
+    'lerp_mix': lambda x, perm, lam, exact=True: None if not fused_kernels_on() or _lerp_why(x, perm, lam) else _lerp(x, perm, lam, exact),
+    'paste_box': lambda x, perm, box, inplace=False: None if not fused_kernels_on() or (p := _box_plan(x, perm, box, inplace))[0] \
+                 else _paste_box(x, perm, p[1], inplace),
+    'paste_boxes': lambda x, perm, mask: None if not fused_kernels_on() or (p := _boxes_plan(x, perm, mask))[0] else _paste_boxes(x, perm, mask, p[1]),
 }
 
+class _Switch:
+    "The kernels' setting: a default for the process, and over it, in each thread, the `with` blocks that have not ended"
+    def __init__(self):
+        self.lock, self.local = threading.Lock(), threading.local()
+        self.calls = [] # [weak reference, setting] of the calls not entered as `with` blocks, oldest first: the newest sets the default
+        self.default, self.n_on = False, 0 # the default; the `with` blocks that turn the kernels on and have not ended, in all threads
+    def blocks(self) -> list:
+        "This thread's `with` blocks that have not ended, in the order they began"
+        if not hasattr(self.local, 'blocks'): self.local.blocks = []
+        return self.local.blocks
+    def on(self) -> bool:
+        blocks = self.blocks()
+        return blocks[-1].on if blocks else self.default
+    def _update(self):
+        dead = [i for i, (ref, _) in enumerate(self.calls) if ref() is None] # a call nobody holds is never entered: the older ones are hidden for good
+        if dead: del self.calls[:dead[-1]]
+        self.default = bool(self.calls) and self.calls[-1][1]
+        if (self.default or self.n_on) and not core._fused: core._fused.update(_HOOKS) # the hooks stay: each asks `on` for its thread
+    def call(self, cm):
+        with self.lock: self.calls.append([weakref.ref(cm), cm.on]); self._update()
+    def enter(self, cm):
+        with self.lock:
+            self.calls = [c for c in self.calls if c[0]() is not cm] # a `with` block sets no default
+            cm._blocks = self.blocks(); cm._blocks.append(cm)
+            self.n_on += cm.on; self._update()
+    def exit(self, cm):
+        with self.lock:
+            blocks = getattr(cm, '_blocks', [])
+            if cm in blocks: blocks.remove(cm); self.n_on -= cm.on
+
+_switch = _Switch()
+
 def fused_kernels_on() -> bool:
-    "Whether the core's functions go through the fused kernels"
-    return bool(core._fused)
+    "Whether the core's functions go through the fused kernels, in this thread"
+    return _switch.on()
 
 class use_fused_kernels:
-    "Route the core's blend and pastes through the fused kernels (`on=False`: the PyTorch path); as a context manager, the previous setting comes back at the end"
+    "Route the core's blend and pastes through the fused kernels (`on=False`: the PyTorch path); as a context manager, for this thread until the block ends"
     def __init__(self,
         on:bool=True, # Turn the fused kernels on, or off
     ):
@@ -315,10 +364,10 @@ class use_fused_kernels:
         if on and triton is None:
             warnings.warn("use_fused_kernels: Triton is not installed (it comes with torch's CUDA builds on Linux), so the PyTorch path runs", stacklevel=2)
             on = False
-        self.prev, self.on = dict(core._fused), on
-        core._fused.clear()
-        if on: core._fused.update(_HOOKS)
-    def __enter__(self): return self
-    def __exit__(self, *exc):
-        core._fused.clear(); core._fused.update(self.prev)
+        self.on = on
+        _switch.call(self)
+    def __enter__(self):
+        _switch.enter(self)
+        return self
+    def __exit__(self, *exc): _switch.exit(self)
     def __repr__(self): return f"use_fused_kernels(on={self.on})"

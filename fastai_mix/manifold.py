@@ -6,6 +6,7 @@
 from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
+import warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -13,6 +14,7 @@ from fastai.layers import ResBlock, LinBnDrop
 from fastai.losses import BaseLoss
 from fastai.tabular.model import TabularModel
 from fastai.text.models.core import PoolingLinearClassifier
+from fastai.vision.models.unet import DynamicUnet
 from fastcore.meta import delegates
 import matplotlib.pyplot as plt
 from .core import *
@@ -21,7 +23,8 @@ from .callback import MixHandler
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
-__all__ = ['Place', 'default_places', 'check_module_list', 'mixable_places', 'ManifoldMixup', 'OutputMixup', 'tabular_comparison']
+__all__ = ['Place', 'default_places', 'check_module_list', 'probe_places', 'mixable_places', 'ManifoldMixup', 'OutputMixup',
+           'tabular_comparison']
 
 # %% ../nbs/04_manifold.ipynb #1a9a4ae0
 class Place(NamedTuple):
@@ -72,6 +75,7 @@ def default_places(model:nn.Module) -> tuple[Place|None, list[Place]]:
     name, pool = _first(model, PoolingLinearClassifier)
     if pool is not None:
         return None, [Place(f"{_join(name, 'layers')} input (pooled encoder output)", pool.layers, 'input'), *_hidden(_join(name, 'layers'), pool.layers)]
+    if isinstance(model, DynamicUnet): return None, [] # the skips carry every encoder block's unmixed sample around it: the inputs only
     blocks = _outermost(model, _blocks)
     if blocks: return None, [Place(n, m, 'output') for n, m in blocks]
     return None, _body_stages(model)
@@ -85,13 +89,80 @@ def check_module_list(module_list) -> list|None:
                         f"names (as in `model.named_modules()`, e.g. ['layers.0', 'layers.1']), got {module_list!r}")
     return list(ml)
 
+def _loss_input(out) -> Tensor|None:
+    "The tensor the loss reads in a model's output: the output, or a tuple's first element (fastai's text classifier: the logits)"
+    while isinstance(out, (tuple, list)) and len(out): out = out[0]
+    return out if isinstance(out, Tensor) and out.is_floating_point() else None
+
+def _same(a:Tensor, b:Tensor) -> bool:
+    "Whether two outputs of the same computation on the same samples agree, to the rounding of their dtype"
+    if a.shape != b.shape: return False
+    tol = 1e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    a, b = a.float(), b.float()
+    return not a.numel() or bool((a - b).abs().amax() <= tol * b.abs().amax())
+
+def _set_hook(place:Place, f):
+    "Set `f(activation) -> activation or None` on `place`: a forward hook on its module's output, or a pre-hook on its input"
+    if place.kind == 'output': return place.module.register_forward_hook(lambda m, args, out: f(out))
+    def pre(m, args):
+        new = f(args[0]) if args else None
+        return None if new is None else (new, *args[1:])
+    return place.module.register_forward_pre_hook(pre)
+
+def probe_places(
+    model:nn.Module, # The learner's model
+    xb:Sequence[Tensor], # A batch of inputs: its first two samples are run
+    places:Sequence[Place], # The places to check (the inputs themselves, `kind='batch'`, need no check)
+) -> list[str|None]: # For each place: None where it can be mixed (or the probe cannot tell), else why it cannot
+    "Run `model` on two samples of `xb` and say which `places` cannot be mixed: those run more than once, and those a skip connection goes around"
+    inner, xs = _unwrap(model), tuple(o[:2] for o in xb)
+    why, calls, swapped, handles = [None] * len(places), [0] * len(places), [], []
+    todo = [i for i, pl in enumerate(places) if pl.kind != 'batch']
+    if not todo or not xs or any(callable(getattr(m, 'reset', None)) for m in inner.modules()): return why # `reset`: fastai's sign of a recurrent state kept between batches (AWD-LSTM's), which a forward pass would change
+    modes, dev = [(m, m.training) for m in inner.modules()], xs[0].device
+    def count(i):
+        def f(t): calls[i] += 1 # returns None: changes nothing
+        return f
+    def swap(t): # each sample gets its partner's activation
+        if not (isinstance(t, Tensor) and t.ndim and len(t) == 2): return None
+        swapped.append(True)
+        return t.flip(0)
+    try:
+        inner.eval() # no dropout draws, no BatchNorm statistics updated; the random state is put back too
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
+            handles = [_set_hook(places[i], count(i)) for i in todo]
+            base = _loss_input(inner(*xs))
+            for h in handles: h.remove()
+            for i in todo:
+                if calls[i] > 1: why[i] = f"runs {calls[i]} times in one forward pass (a module shared between layers, recurrent, or called in a loop), so there is no one activation to mix"
+            if len(xs[0]) < 2: return why
+            ref = _loss_input(inner(*(o.flip(0) for o in xs))) # the partners' outputs
+            if ref is None or base is None or not _same(ref, base.flip(0)): return why # a model whose output for a sample depends on the others, or on draws, cannot be told
+            for i in todo:
+                if calls[i] != 1: continue # not run in eval mode: checked when it is picked
+                swapped.clear()
+                handles = [_set_hook(places[i], swap)]
+                out = _loss_input(inner(*xs)) # the partners' outputs, unless a skip carries the samples' own activations around this place
+                handles[0].remove()
+                if swapped and out is not None and not _same(out, ref): why[i] = ("is bypassed by a skip connection (a U-Net's, fastai's MergeLayer, or a hook "
+                    "that keeps an earlier activation) that carries the unmixed sample around it, so the output would blend each sample with its partner "
+                    "only in part while the targets are blended in full")
+    except Exception as e:
+        warnings.warn(f"ManifoldMixup could not check its places with a forward pass of {type(inner).__name__} on two samples in eval mode ({type(e).__name__}: {e}); "
+                      "a place that runs more than once stops the batch that picks it, and one that a skip connection goes around is not found")
+        return [None] * len(places)
+    finally:
+        for h in handles: h.remove()
+        for m, t in modes: m.training = t
+    return why
+
 def mixable_places(
     model:nn.Module, # The learner's model
-    xb:Sequence[Tensor]|None=None, # A batch of inputs: the inputs themselves are a place when all are floating point
+    xb:Sequence[Tensor]|None=None, # A batch of inputs: the inputs themselves are a place when all are floating point; given, the places are probed on it
     module_list:list|None=None, # Modules or module names whose outputs are mixed; None: the default for the architecture
     use_input_mixup:bool=True, # Whether the inputs (for a `TabularModel`, the joined embeddings and continuous columns) are a place
 ) -> list[Place]:
-    "The places ManifoldMixup picks from for `model`: the inputs when allowed, then the eligible modules"
+    "The places ManifoldMixup picks from for `model`: the inputs when allowed, then the eligible modules (with `xb`: those `probe_places` finds mixable)"
     inner = _unwrap(model)
     inp, hidden = default_places(inner)
     if module_list is not None:
@@ -104,12 +175,30 @@ def mixable_places(
             if isinstance(m, nn.Module) and id(m) not in ids: raise ValueError(f"module_list: {type(m).__name__} is not a module of the learner's model")
             n = m if isinstance(m, str) else ids[id(m)]
             hidden.append(Place(n or 'model output', named[n], 'output'))
-    if not hidden: raise ValueError(
+    unet = module_list is None and isinstance(inner, DynamicUnet)
+    if not hidden and not unet: raise ValueError(
         f"ManifoldMixup found no hidden place to mix in {type(inner).__name__}: no fastai ResBlock, torchvision BasicBlock/Bottleneck, "
         "TabularModel, text classifier or vision_learner body. Give the modules whose outputs to mix: ManifoldMixup(module_list=[...]) "
         "(modules or names from `model.named_modules()`); to blend the inputs only, use MixUp")
     if use_input_mixup and inp is None and xb is not None and all(o.is_floating_point() for o in xb): inp = Place('input', None, 'batch')
-    return ([inp] if use_input_mixup and inp is not None else []) + hidden
+    places = ([inp] if use_input_mixup and inp is not None else []) + hidden
+    if xb is None: return places
+    why = probe_places(inner, xb, places)
+    bad = [(pl, w) for pl, w in zip(places, why) if w is not None]
+    if bad and module_list is not None:
+        pl, w = bad[0]
+        raise ValueError(f"module_list: {pl.name} ({type(pl.module).__name__}) {w}: leave it out of module_list")
+    if bad:
+        reasons = {w: [pl.name for pl, v in bad if v == w] for _, w in bad}
+        warnings.warn(f"ManifoldMixup leaves out of {type(inner).__name__}'s default places: " + "; ".join(
+            f"{', '.join(ns)}{' (each)' if len(ns) > 1 else ''} {w}" for w, ns in reasons.items()) + ". Give module_list=[...] to choose the places yourself")
+    places = [pl for pl, w in zip(places, why) if w is None]
+    if not places: raise ValueError(
+        f"ManifoldMixup has no place to mix in {type(inner).__name__}: " + ("a fastai DynamicUnet (unet_learner) is mixed at its inputs only, "
+        "its skip connections go around every encoder block, " if unet else "every default place is left out (see the warning), ") +
+        ("and use_input_mixup is False" if not use_input_mixup else "and these inputs cannot be blended (they are not floating point)") +
+        ". Give the modules whose outputs to mix: ManifoldMixup(module_list=[...]), or use a mixer of the inputs (CutMix, ResizeMix)")
+    return places
 
 # %% ../nbs/04_manifold.ipynb #654644c6
 _half = (torch.float16, torch.bfloat16)
@@ -139,10 +228,10 @@ class _Hook:
             m._drop_hooks()
             if out is not None and pend.calls != 1: raise RuntimeError( # `out` is None when the forward pass raised
                 f"{type(m).__name__} picked {pend.place.name} for this batch, but it did not run in the model's forward pass, so nothing "
-                "was mixed while the loss would be: leave it out of module_list")
+                f"was mixed while the loss would be: {m._leave_out()}")
         elif pend.started:
-            if self.kind == 'output': return m._blend(pend, out)
-            return (m._blend(pend, args[0] if args else None), *args[1:])
+            try: return m._blend(pend, out) if self.kind == 'output' else (m._blend(pend, args[0] if args else None), *args[1:])
+            except BaseException: m._drop_hooks(); raise # the batch's hooks go with its error: the 'end' hook has nothing to add
 
 def _autocast_dtype(device:torch.device):
     "The dtype autocast (`to_fp16`/`to_bf16`) computes in on `device`, or None"
@@ -152,7 +241,8 @@ def _is_index_mask(y:Tensor, ref:Tensor) -> bool: return not y.is_floating_point
 
 class ManifoldMixup(MixHandler):
     "Manifold Mixup (Verma et al. 2019, https://arxiv.org/abs/1806.05236): blend each sample with a partner at a place picked per batch"
-    _stateattrs, per_sample_choice = MixHandler._stateattrs + ('_pending',), False # `MixChoice(per_sample=True)` cannot hold it: see below
+    _stateattrs, per_sample_choice = MixHandler._stateattrs + ('_pending', '_places'), False # `MixChoice(per_sample=True)` cannot hold it: see below
+    _places = None # (what they were found for, the places): found and probed once per model
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5, as MixUp's)
         module_list:list|None=None, # Modules (or their names in `model.named_modules()`) whose outputs may be mixed; None: a default per architecture
@@ -178,8 +268,16 @@ class ManifoldMixup(MixHandler):
         return self.learn if self.learn is not None else self._choice.learn if self._choice is not None else None
 
     def places(self, model:nn.Module, xb=None) -> list[Place]:
-        "The places this mixer picks from for `model` and the inputs `xb`"
-        return mixable_places(model, xb, self.module_list, self.use_input_mixup)
+        "The places this mixer picks from for `model` and the inputs `xb`: found, and probed, once for each model and kind of inputs"
+        key = (tuple(map(id, _unwrap(model).modules())), xb is None or tuple(o.is_floating_point() for o in xb), self.use_input_mixup,
+               None if self.module_list is None else tuple(m if isinstance(m, str) else id(m) for m in self.module_list))
+        if self._places is None or self._places[0] != key: self._places = key, mixable_places(model, xb, self.module_list, self.use_input_mixup)
+        return self._places[1]
+
+    def _leave_out(self) -> str:
+        "What to do about a place that cannot be mixed"
+        return ("leave it out of module_list" if self.module_list is not None else
+                "it is one of this model's default places: give module_list=[...] without it")
 
     def _outside(self, learn, xb) -> list[Place]:
         "The places outside a training batch (`show_batch`, a call by hand), where no forward pass follows: the inputs only"
@@ -228,11 +326,11 @@ class ManifoldMixup(MixHandler):
         name, n = f"{type(self).__name__}: {pend.place.name}", len(pend.perm)
         if pend.calls > 1: raise RuntimeError(
             f"{name} ran more than once in one forward pass (a module shared between layers, recurrent, or called in a loop), so there is no one "
-            "activation to mix: leave it out of module_list")
+            f"activation to mix: {self._leave_out()}")
         if not (isinstance(t, Tensor) and t.is_floating_point() and t.ndim >= 1 and len(t) == n):
             what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
             raise TypeError(f"{name} gives {what}, but mixing needs a floating point tensor with the batch ({n} samples) on its first dim: "
-                            "leave it out of module_list")
+                            f"{self._leave_out()}")
         if t.dtype in _half and t.dtype not in pend.dtypes: # a half dtype the shares were not rounded through: round them now, in place, for the loss too
             pend.lam.copy_(round_share(pend.lam, [t])); pend.dtypes.add(t.dtype)
             for y, m in zip(pend.yb, pend.ym):
@@ -282,9 +380,15 @@ class OutputMixup(ManifoldMixup):
                 f"{y.dtype} tensor of shape {tuple(y.shape)}: use ManifoldMixup, which mixes hidden layers")
 
     def _blend(self, pend, t):
-        if isinstance(t, Tensor) and (t.ndim != 2 or any(y.is_floating_point() and y.shape[1] != t.shape[1] for y in pend.yb)):
-            raise ValueError(f"OutputMixup mixes logits (N, C) with one column per class (as many as the float targets have), "
-                             f"but {pend.place.name} is of shape {tuple(t.shape)}")
+        n = len(pend.perm)
+        if not (isinstance(t, Tensor) and t.is_floating_point() and t.ndim == 2 and len(t) == n
+                and all(t.shape[1] == y.shape[1] for y in pend.yb if y.is_floating_point())):
+            what = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
+            raise (ValueError if isinstance(t, Tensor) else TypeError)(
+                f"OutputMixup mixes logits (N, C): one floating point tensor with one row per sample ({n} in this batch) and one column per class "
+                f"(as many as the float targets have), but the {pend.place.name} is {what}. Give the learner a model whose forward returns "
+                "the logits alone (for a model that returns a tuple, a module whose forward returns the element that holds the logits), "
+                "or use ManifoldMixup, which mixes the inputs or a hidden layer")
         return super()._blend(pend, t)
 
     def show_batch(self, *args, **kwargs):

@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from fastcore.foundation import L
-from fastai.torch_core import no_random, retain_type, show_image, to_device
+import pandas as pd
+from fastai.torch_core import display_df, no_random, retain_type, show_image, to_device
 from fastai.data.core import DataLoaders
+from fastai.tabular.core import Tabular
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -44,7 +46,7 @@ def mix_title(
     return s if pct >= 100 else s1 if pct <= 0 else f"{s} ({pct}%) + {s1} ({100 - pct}%)"
 
 # %% ../nbs/03_show.ipynb #cecc6ca3
-_looks = dict(states=None, n=0) # the random states the last call without a seed saw, and how many calls in a row saw them
+_looks = dict(states=None, n=0, mark=None) # the random states the last call without a seed saw, how many calls in a row saw them, and `_seed_mark()` after it
 
 def _random_states() -> tuple:
     "Python's, numpy's and torch's global random states, as values that compare"
@@ -56,10 +58,18 @@ def _just_seeded(states:tuple) -> bool:
     py, _, pos, t = states
     return py[1][-1] == 624 and pos == 624 and t == bytes(torch.Generator().manual_seed(torch.initial_seed()).get_state().numpy())
 
+def _seed_mark():
+    "What the last `torch.manual_seed` (and so `set_seed`) left besides the random states: the seeding it queued for a device not started yet"
+    for dev in (getattr(torch, 'xpu', None), torch.cuda): # torch keeps a new callback each time, until the device's first use
+        cb = getattr(getattr(dev, '_lazy_seed_tracker', None), 'manual_seed_all_cb', None)
+        if cb is not None and not dev.is_initialized(): return cb
+    return None # none to see: a seeding is told from a call in a row only by the states `set_seed` leaves
+
 def _unseeded() -> int:
-    "A seed read from the global random states (left as they are), plus the number of calls in a row that found them so"
-    states = _random_states()
-    n = 0 if states != _looks['states'] or _just_seeded(states) else _looks['n'] + 1
+    "A seed read from the global random states (left as they are), plus the number of calls in a row that found them so since the last seeding"
+    states, mark = _random_states(), _seed_mark()
+    again = states == _looks['states'] and (mark is _looks['mark'] if mark is not None else not _just_seeded(states))
+    n = _looks['n'] + 1 if again else 0
     _looks.update(states=states, n=n)
     rng = random.Random(); rng.setstate(states[0])
     return rng.getrandbits(32) + n
@@ -72,10 +82,12 @@ def untouched(
     "Run the block with the random states and `dl`'s seeded from `seed`, then put them and `dl`'s attributes back"
     if seed is None: seed = _unseeded()
     attrs = dict(vars(dl))
-    with no_random(seed, reproducible=False):
-        dl.rng = random.Random(seed)
-        try: yield
-        finally: vars(dl).clear(); vars(dl).update(attrs)
+    try:
+        with no_random(seed, reproducible=False):
+            dl.rng = random.Random(seed)
+            try: yield
+            finally: vars(dl).clear(); vars(dl).update(attrs)
+    finally: _looks['mark'] = _seed_mark() # the seeding `no_random` did here is not the user's
 
 # %% ../nbs/03_show.ipynb #e85b5985
 def show_input(
@@ -91,12 +103,27 @@ def show_input(
     if x.is_floating_point(): x = x.float() # matplotlib draws no fp16/bf16
     return x.show(ctx=ax, **kwargs) if hasattr(x, 'show') else show_image(x, ax=ax, **kwargs)
 
-def show_mask(m:Tensor, ax):
-    "Draw a decoded mask over what `ax` shows: as fastai shows a `TensorMask`, or half transparent"
-    if hasattr(m, 'show'): return m.show(ctx=ax)
-    m = m.detach().cpu()
-    if m.ndim == 3: m = m[0] if len(m) == 1 else m.argmax(0) # one channel, or one-hot classes
-    ax.imshow(m.numpy(), alpha=.5, cmap='tab20', interpolation='nearest')
+def show_mask(
+    m:Tensor, # One decoded mask: an image's (H,W) or (C,H,W), a signal's (L,) or (C,L)
+    ax, # Matplotlib axis that shows its input
+    signal:bool=False, # The input is a signal (lines): the mask is drawn as a band of colour under them
+):
+    "Draw a decoded mask over what `ax` shows: as fastai shows a `TensorMask`, or half transparent; a signal's as a band under its lines"
+    if hasattr(m, 'show') and not signal: return m.show(ctx=ax)
+    codes = getattr(m, 'codes', None)
+    m = m.detach().cpu().float()
+    if m.ndim == (2 if signal else 3): m = m[0] if len(m) == 1 else m.argmax(0) # one channel, or one-hot classes
+    kw = dict(alpha=.5, cmap='tab20', interpolation='nearest', **(dict(vmin=0, vmax=len(codes)) if codes is not None else {}))
+    if not signal: return ax.imshow(m.numpy(), **kw)
+    lo, hi = ax.get_ylim() # the band spans the lines' height, one column per step
+    return ax.imshow(m[None].numpy(), extent=(-.5, len(m) - .5, lo, hi), aspect='auto', zorder=0, **kw)
+
+def _table(own:Tabular, other:Tabular, pcts:Tensor) -> pd.DataFrame:
+    "The decoded rows of a mixed table, with each row's partner's targets and its own share in %"
+    df, df1 = (o.decode().items.reset_index(drop=True) for o in (own, other))
+    for t in own.y_names: df[f'partner {t}'] = df1[t]
+    df['share %'] = pcts.numpy()
+    return df
 
 def _check_count(v, name:str, none_ok:bool=True):
     if (v is None and none_ok) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1): return v
@@ -124,9 +151,9 @@ def show_batch(self:MixHandler,
     ncols:int|None=None, # Columns of the grid
     figsize:tuple|None=None, # Figure size in inches; 3 by 3 per sample when None
     seed:int|None=None, # Seed of the batch and the mix; None: a new batch each call, the same ones again after `set_seed`
-    show:bool=True, # Show the grid, as fastai's `show_batch` does; False: return the figure without showing it
+    show:bool=True, # Show the grid (a table: the table), as fastai's `show_batch` does; False: return it without showing it
     **kwargs, # Passed to each image's `show` (e.g. `cmap`) or to `plot` for signals
-) -> Figure|None: # None when shown; with `show=False`, the figure: one axis per sample, titled `label (share%) + partner's label (share%)`
+) -> Figure|pd.DataFrame|None: # None when shown; with `show=False`, the figure: one axis per sample, titled `label (share%) + partner's label (share%)`; of a table, the DataFrame
     "Show a mixed training batch, each sample titled with its label and its partner's and their shares; trains nothing, changes nothing"
     _check_count(max_n, 'max_n', none_ok=False); _check_count(nrows, 'nrows'); _check_count(ncols, 'ncols')
     dl = _train_dl(self, dls)
@@ -138,10 +165,13 @@ def show_batch(self:MixHandler,
         xm, ym = (tuple(retain_type(m, o) for m, o in zip(ms, os)) for ms, os in ((xm, xb), (ym, yb))) # the types decoding dispatches on
         n, ref = min(max_n, len(xb[0])), next(o for o in xb if o.is_floating_point())
         masks = [is_mask(y, len(ref), ref.shape[2:]) for y in yb] # segmentation masks: shown mixed, over the input
-        own = dl.decode_batch((*xm, *(m if mk else y for y, m, mk in zip(yb, ym, masks))), max_n=n)
-        other = dl.decode_batch((*xm, *(y[perm] for y in yb)), max_n=n)
+        own, other = (*xm, *(m if mk else y for y, m, mk in zip(yb, ym, masks))), (*xm, *(y[perm] for y in yb))
         pcts = (torch.as_tensor(lam, dtype=torch.float64).cpu().expand(len(perm)) * 100).round().int()
         pcts[perm.cpu() == torch.arange(len(perm))] = 100 # a sample mixed with itself is all itself
+        if isinstance(dl.dataset, Tabular): # fastai's tabular data: a batch decodes to one table, shown as a table (as `dls.show_batch()`)
+            df = _table(*(dl.decode(tuple(o[:n] for o in b)) for b in (own, other)), pcts[:n])
+            return display_df(df) if show else df
+        own, other = dl.decode_batch(own, max_n=n), dl.decode_batch(other, max_n=n)
     nrows = nrows or (math.ceil(n / ncols) if ncols else int(math.sqrt(n)))
     ncols = ncols or math.ceil(n / nrows)
     if nrows * ncols < n: raise ValueError(f"a grid of nrows={nrows} by ncols={ncols} has no room for {n} samples: give a larger grid or a smaller max_n")
@@ -150,7 +180,7 @@ def show_batch(self:MixHandler,
     for i, (s, s1) in enumerate(zip(own, other)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         show_input(s[0], ax, **kwargs)
-        for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax)
+        for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax, signal=s[0].ndim <= 2)
         ys, ys1 = ([t for t, mk in zip(o[dl.n_inp:], masks) if not mk] for o in (s, s1))
         pct = int(pcts[i])
         if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct))

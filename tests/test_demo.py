@@ -46,7 +46,7 @@ def random_images(path:Path, classes=('cat', 'dog', 'emu'), n:int=8, seed:int=0)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path/c/f'{c}{i}.png')
     return path
 
-TINY = ['--epochs', '1', '--n-train', '64', '--size', '16', '--bs', '32']
+TINY = ['--epochs', '1', '--n-train', '64', '--size', '16', '--bs', '32', '--jobs', '1'] # in this process: no workers to start
 
 def test_demo_end_to_end(tmp_path, capsys):
     "The whole experiment at tiny size: 4 mixers x 2 seeds, paired, with its pictures and every per-seed number"
@@ -94,7 +94,7 @@ def test_same_seed_same_table(tmp_path, capsys):
     "The same seeds give the same numbers and the same table; another seed gives others"
     tables = []
     for i, seed in enumerate((3, 3, 4)):
-        res = run_demo(mix=('none', 'cutmix'), epochs=1, n_train=64, size=16, bs=32, seed=seed, seeds=1, out=tmp_path/str(i), progress=False)
+        res = run_demo(mix=('none', 'cutmix'), epochs=1, n_train=64, size=16, bs=32, seed=seed, seeds=1, out=tmp_path/str(i), jobs=1, progress=False)
         tables.append((results_table(res['summary']), [(r['history'], r['memorised']) for r in res['runs']]))
     eq_(tables[0], tables[1])
     assert tables[0][1] != tables[2][1]
@@ -144,7 +144,7 @@ def test_data_folder(tmp_path, split):
     else: random_images(src, n=10)
     before = sorted(get_image_files(src))
     out = tmp_path/'out'
-    main(['demo', '--data', str(src), '--mix', 'none,cutmix', '--epochs', '1', '--bs', '8', '--size', '16', '--seeds', '1',
+    main(['demo', '--data', str(src), '--mix', 'none,cutmix', '--epochs', '1', '--bs', '8', '--size', '16', '--seeds', '1', '--jobs', '1',
           '--noise', '0', '--n-train', 'all', '--out', str(out)])
     res = read_results(out, 2)
     eq_(res['settings']['data'], str(src)); eq_(res['settings']['images'], str(src)) # read in place
@@ -205,7 +205,7 @@ def test_cli_errors(tmp_path, capsys):
         eq_(e.value.code, 2)
         assert msg in capsys.readouterr().err, argv
     src = random_images(tmp_path/'src', n=5) # 12 training images, fewer than a batch
-    with pytest.raises(SystemExit): main(['demo', '--data', str(src), '--mix', 'none', '--noise', '0', '--n-train', 'all', '--out', str(tmp_path/'o')])
+    with pytest.raises(SystemExit): main(['demo', '--data', str(src), '--mix', 'none', '--noise', '0', '--n-train', 'all', '--jobs', '1', '--out', str(tmp_path/'o')])
     assert 'give a smaller --bs' in capsys.readouterr().err
     (tmp_path/'mine'/'digits').mkdir(parents=True); (tmp_path/'mine'/'digits'/'keep.txt').write_text('x')
     with pytest.raises(SystemExit): main(['demo', '--out', str(tmp_path/'mine')])

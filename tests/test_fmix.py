@@ -113,17 +113,36 @@ def test_reproducible():
         return spy.records
     for ra, rb in zip(once(), once()): eq_(ra['xm'], rb['xm']); eq_(ra['lam'], rb['lam'])
 
-def test_noise_spectrum_on_every_axis():
-    "On average, the noise's power at each frequency is 2*scale**2 (a complex normal times the scale), on every axis of a volume with three different sides"
-    size, d = (4, 6, 10), 2.
+@pytest.mark.parametrize('size', [(4, 6, 10), (5, 7, 9)], ids=['even', 'odd'])
+def test_noise_spectrum_on_every_axis(size):
+    "On average, the noise's power at each frequency is 2*scale**2 (a complex normal times the scale), on every axis of a volume with three different sides, at every frequency (the last axis' 0 and Nyquist bins too)"
+    d = 2.
     grey = fourier_noise(4000, size, d, generator=torch.Generator().manual_seed(0))
     power = torch.fft.rfftn(grey, dim=(1, 2, 3)).abs().square().mean(0)
     f = fourier_freqs(size)
     f0 = 1 / max(size)
-    exp = 2 * ((f0 / f.clamp(min=f0)) ** d) ** 2
-    inner = slice(1, size[-1] // 2) # the last axis' bins that irfftn keeps as they are (not its 0 and Nyquist columns)
-    ratio = power[..., inner] / exp[..., inner]
+    ratio = power / (2 * ((f0 / f.clamp(min=f0)) ** d) ** 2)
     assert ((ratio > .85) & (ratio < 1.15)).all(), ratio
+
+def edges(m):
+    "Mean number of neighbour pairs across an edge of the boolean masks `m` (n, H, W): along H (vertical pairs), along W"
+    return (m[:, 1:] != m[:, :-1]).sum((1, 2)).double().mean().item(), (m[:, :, 1:] != m[:, :, :-1]).sum((1, 2)).double().mean().item()
+
+def test_masks_isotropic():
+    "On square images, FMix's masks have as many edges along W as along H (the f_W = 0 column of the half spectrum has its full power)"
+    n = 2000 # the ratio's spread over 2000 masks is about 0.013
+    x = torch.arange(n).float().view(n, 1, 1, 1).expand(n, 1, 32, 32)
+    xm, perm, lam = fmix(x, per_sample=True, generator=torch.Generator().manual_seed(0))
+    kept = (xm == x)[:, 0] # where each sample keeps its own values
+    eh, ew = edges(kept[perm != torch.arange(n)])
+    assert .93 < ew / eh < 1.07, (eh, ew) # it was 1.24 with the half spectrum as drawn
+
+def test_blob_size_as_the_papers():
+    "At half the positions kept, a 32x32 mask has about as many regions (4-connected, both parts) as the paper's reference code gives"
+    ndi = pytest.importorskip('scipy.ndimage')
+    m = (rank_positions(fourier_noise(1000, (32, 32), generator=torch.Generator().manual_seed(0))) < 512).numpy()
+    regions = sum(ndi.label(a)[1] + ndi.label(~a)[1] for a in m) / len(m)
+    assert 3.8 < regions < 4.55, regions # the paper's reference code (ecs-vlc/FMix, fmix.py): 4.15; this mean's spread is about 0.035
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_soft_mask_mean_exact_in_every_dtype(dtype):

@@ -10,6 +10,7 @@ compiled kernels in this process, on the GPU.
 import os, re, subprocess, sys
 from pathlib import Path
 import pytest, torch
+from fastcore.test import test_eq as eq_
 
 triton = pytest.importorskip('triton', reason='the fused kernels need Triton')
 CHILD = os.environ.get('TRITON_INTERPRET') == '1'
@@ -72,9 +73,10 @@ class count_kernels:
                 self.n[k] += res is not None
                 return res
             return g
-        core._fused.update({k: counted(k, f) for k, f in core._fused.items()})
+        self.hooks = dict(core._fused)
+        core._fused.update({k: counted(k, f) for k, f in self.hooks.items()})
         return self
-    def __exit__(self, *exc): self.ctx.__exit__(*exc)
+    def __exit__(self, *exc): self.ctx.__exit__(*exc); core._fused.update(self.hooks)
 
 if CHILD: # ---------------------------------------------------------------- under the interpreter, on the CPU
     import numpy as np
@@ -192,6 +194,64 @@ if CHILD: # ---------------------------------------------------------------- und
         with count_kernels() as c: same(paste_box(x.clone(), perm, box, inplace=True), paste_box(x.clone(), perm, box, inplace=True))
         assert c.n['paste_box'] == 0
 
+    def test_perm_with_any_strides():
+        "A partner index that is a strided view (a column of an (n, 2) tensor) picks the right partners, through the fused functions and the core's"
+        x, g = batch((5, 3, 6, 7), torch.channels_last, torch.float32), torch.Generator().manual_seed(11)
+        idx = torch.stack([torch.randperm(5, generator=g), torch.randperm(5, generator=g)], 1)
+        for perm in (idx[:, 1], idx.int()[:, 1], idx.repeat(1, 2)[:, 3]):
+            assert not perm.is_contiguous() and why_not_fused(x, perm) is None
+            check_kernels(x, perm, g)
+            lam, box, mask = shares(5), (slice(1, 4), slice(2, 6)), boxes_mask(*draw_boxes(5, (6, 7), generator=g), (6, 7))
+            calls = [(lerp_mix, (x, perm, lam)), (lerp_mix, (x, perm, .7)), (paste_box, (x, perm, box)), (paste_boxes, (x, perm, mask))]
+            refs = [f(*a) for f, a in calls] + [paste_box(x.clone(), perm, box, inplace=True)]
+            with count_kernels() as c:
+                for (f, a), ref in zip(calls, refs): same(f(*a), ref)
+                same(paste_box(x.clone(), perm, box, inplace=True), refs[-1])
+            eq_(c.n, {'lerp_mix': 2, 'paste_box': 2, 'paste_boxes': 1})
+
+    @pytest.mark.parametrize('bad', [5, 9, -1, -5])
+    def test_partner_out_of_range(bad):
+        "A partner index out of range raises IndexError, as on the PyTorch path, instead of reading outside the batch"
+        x, g = batch((5, 3, 6, 7), None, torch.float32), torch.Generator().manual_seed(12)
+        lam, box, mask = shares(5), (slice(1, 4), slice(2, 6)), boxes_mask(*draw_boxes(5, (6, 7), generator=g), (6, 7))
+        for dt in (torch.int64, torch.int32):
+            perm = torch.tensor([3, 4, 1, bad, 2], dtype=dt) # sample 3 (share > 0.5, not 1) has no partner
+            msg = re.escape(f'perm must hold partner indices in [0, 5), got [{bad}]')
+            for f, a in [(fused_lerp_mix, (x, perm, lam)), (fused_lerp_mix, (x, perm, .7)), (fused_paste_box, (x, perm, box)),
+                         (fused_paste_box, (x.clone(), perm, box, True)), (fused_paste_box, (x.clone(), perm, (slice(2, 2), slice(0, 7)))),
+                         (fused_paste_boxes, (x, perm, mask))]:
+                with pytest.raises(IndexError, match=msg): f(*a)
+            calls = [(lerp_mix, (x, perm, lam)), (lerp_mix, (x, perm, .7)), (paste_box, (x, perm, box)), (paste_box, (x.clone(), perm, box, True)),
+                     (paste_boxes, (x, perm, mask))]
+            for f, a in calls: # the PyTorch path raises (x[perm], index_select), and so do the kernels
+                with pytest.raises(IndexError): f(*a)
+            with count_kernels():
+                for f, a in calls:
+                    with pytest.raises(IndexError, match=msg): f(*a)
+            alone = torch.tensor([1., .6, .7, 1., .8]) # a sample of share 1 does not read its partner, on either path
+            ref = lerp_mix(x, perm, alone)
+            with count_kernels() as c: same(lerp_mix(x, perm, alone), ref)
+            assert c.n['lerp_mix'] == 1
+            same(fused_lerp_mix(x, perm, 1.), x) # nor does a share of 1 for all
+
+    def test_on_in_one_thread_only():
+        "A `with` block turns the kernels on in its own thread: another thread's mixing keeps the PyTorch path"
+        import threading
+        x, perm = batch((4, 3, 6, 8), None, torch.float32), torch.randperm(4, generator=torch.Generator().manual_seed(13))
+        ref, inside, leave, counts = lerp_mix(x, perm, .7), threading.Event(), threading.Event(), []
+        def other():
+            with count_kernels() as c:
+                inside.set(); leave.wait(10)
+                same(lerp_mix(x, perm, .7), ref)
+            counts.append(c.n)
+        t = threading.Thread(target=other); t.start()
+        try:
+            assert inside.wait(10) and not K.fused_kernels_on()
+            same(lerp_mix(x, perm, .7), ref) # this thread has no block: the default (off)
+        finally: leave.set(); t.join(10)
+        assert counts == [{'lerp_mix': 1, 'paste_box': 0, 'paste_boxes': 0}], counts # the other thread's call only
+        assert not K.fused_kernels_on()
+
 else: # ---------------------------------------------------------------- this process: the interpreter in a child, CUDA here
     def test_interpreter():
         "The interpreter tests of this file, in a child process with TRITON_INTERPRET=1 (it must be set before triton is imported)"
@@ -208,6 +268,64 @@ else: # ---------------------------------------------------------------- this pr
     def test_off_by_default():
         "The PyTorch path is the default: nothing routes through the kernels until asked"
         assert core._fused == {} and not K.fused_kernels_on()
+
+    def test_blocks_ending_out_of_order():
+        "Two `with` blocks that end in the other order than they began: the kernels are off once both have ended"
+        a = use_fused_kernels(); a.__enter__()
+        b = use_fused_kernels(); b.__enter__()
+        try:
+            assert K.fused_kernels_on()
+            a.__exit__(None, None, None); assert K.fused_kernels_on() # b has not ended
+            b.__exit__(None, None, None); assert not K.fused_kernels_on()
+            a = use_fused_kernels(); a.__enter__()
+            b = use_fused_kernels(False); b.__enter__(); assert not K.fused_kernels_on() # the newest block decides
+            a.__exit__(None, None, None); assert not K.fused_kernels_on()
+            b.__exit__(None, None, None); assert not K.fused_kernels_on()
+            use_fused_kernels() # on from now on: the blocks come back to it
+            a = use_fused_kernels(False); a.__enter__()
+            b = use_fused_kernels(); b.__enter__()
+            a.__exit__(None, None, None); assert K.fused_kernels_on()
+            b.__exit__(None, None, None); assert K.fused_kernels_on()
+            with use_fused_kernels(False): assert not K.fused_kernels_on()
+            assert K.fused_kernels_on()
+        finally:
+            use_fused_kernels(False)
+        assert not K.fused_kernels_on()
+
+    def test_blocks_in_two_threads():
+        "A `with` block in each of two threads, ended in the order they began: each thread sees its own, the others the default (off)"
+        import threading
+        both_in, checked, seen = threading.Barrier(3, timeout=10), threading.Barrier(3, timeout=10), {}
+        def first():
+            with use_fused_kernels():
+                seen['first'] = K.fused_kernels_on()
+                both_in.wait(); checked.wait()
+        def second(t):
+            with use_fused_kernels():
+                seen['second'] = K.fused_kernels_on()
+                both_in.wait(); checked.wait()
+                t.join(10) # the first block ends before this one
+                seen['second, after the first ended'] = K.fused_kernels_on()
+        t1 = threading.Thread(target=first); t2 = threading.Thread(target=second, args=(t1,))
+        t1.start(); t2.start()
+        both_in.wait()
+        seen['main'] = K.fused_kernels_on()
+        checked.wait()
+        t2.join(10)
+        assert seen == {'first': True, 'second': True, 'main': False, 'second, after the first ended': True}, seen
+        assert not K.fused_kernels_on()
+
+    def test_the_default_holds_in_every_thread():
+        "`use_fused_kernels()` as a call sets the default for the process, which a new thread sees"
+        import threading
+        seen = []
+        try:
+            use_fused_kernels()
+            t = threading.Thread(target=lambda: seen.append(K.fused_kernels_on())); t.start(); t.join(10)
+            use_fused_kernels(False)
+            t = threading.Thread(target=lambda: seen.append(K.fused_kernels_on())); t.start(); t.join(10)
+        finally: use_fused_kernels(False)
+        assert seen == [True, False] and not K.fused_kernels_on()
 
     # The interpreter does not check what only the GPU compiler checks (types, layouts, the barrier): each kernel is compiled
     # here, without a GPU, for an H100 (sm_90) by Triton's own compiler and ptxas, and its PTX is read.

@@ -219,9 +219,11 @@ def test_validate_get_preds_no_hooks():
     "Validation, `validate` and `get_preds` run the model with no hook of the mixer"
     learn = tab_learner(cbs=ManifoldMixup(use_input_mixup=False))
     seen = []
-    h = learn.model.register_forward_pre_hook(lambda m, a: seen.append((m.training, hooks(m))))
+    h = learn.model.register_forward_pre_hook(lambda m, a: seen.append((m.training, hooks(m), len(a[0]))))
     learn.fit(1); learn.validate(); learn.get_preds()
     h.remove()
+    assert any(n == 2 for t, _, n in seen) and all(not t for t, _, n in seen if n == 2) # the mixer's probe of its places (two samples, in eval mode, at the first batch)
+    seen = [(t, h) for t, h, n in seen if n != 2] # the batches: 16 samples
     assert all(h == {'': 1} for t, h in seen if not t) and any(not t for t, h in seen) # in eval mode only this pre-hook
     assert all(len(h) == 2 for t, h in seen if t) # in training, the mixer's on the model and on the place too
     eq_(hooks(learn.model), {})
@@ -274,7 +276,7 @@ def test_runtime_errors():
     lf = learn.loss_func
     relu = next(m for m in learn.model.modules() if isinstance(m, nn.ReLU)) # fastai shares one ReLU between the hidden layers
     for ml, err, msg in [(['nope'], ValueError, "no module named 'nope'"), ([nn.Linear(2, 2)], ValueError, 'not a module of'),
-                         ([relu], RuntimeError, 'ran more than once in one forward pass'), (['embeds'], RuntimeError, 'did not run')]:
+                         ([relu], ValueError, r'module_list: .* \(ReLU\) runs \d times in one forward pass.*leave it out of module_list'), (['embeds'], RuntimeError, 'did not run')]:
         with pytest.raises(err, match=msg): learn.fit(1, cbs=ManifoldMixup(module_list=ml, use_input_mixup=False))
         eq_(hooks(learn.model), {}); assert learn.loss_func is lf
     learn = text_learner()
@@ -423,6 +425,7 @@ def test_cuda_no_host_sync(kind, mixer, fp16):
     learn = LEARNERS[kind](cbs=mixer())
     learn.dls.to('cuda'); learn.model.cuda()
     if fp16: learn.to_fp16()
+    learn.fit(1) # ManifoldMixup's probe of its places, once per model at its first batch, reads its verdicts on the host: a sync, once
     fit_without_sync(learn)
     eq_(hooks(learn.model), {})
 
