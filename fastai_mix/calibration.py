@@ -113,7 +113,10 @@ class ECE(Metric):
             raise ValueError(f"ECE needs a classifier's outputs (batch, classes) and class indices (batch,), got {getattr(pred, 'shape', type(pred))} and {getattr(y, 'shape', type(y))}")
         self.probs.append(pred.detach().float().softmax(-1).cpu()); self.targs.append(y.detach().cpu())
     @property
-    def value(self): return ece(torch.cat(self.probs), torch.cat(self.targs), self.n_bins) if self.probs else None
+    def bins(self) -> dict|None: # `calibration_bins` of the last validation
+        return calibration_bins(torch.cat(self.probs), torch.cat(self.targs), self.n_bins) if self.probs else None
+    @property
+    def value(self): return None if (b := self.bins) is None else bins_ece(b)
     @property
     def name(self): return 'ece'
     def __repr__(self): return f"ECE(n_bins={self.n_bins})"

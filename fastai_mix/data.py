@@ -10,6 +10,7 @@ import numpy as np, torch
 from fastai.torch_core import TensorImage, TensorCategory, default_device
 from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import Category, CategoryMap, IntToFloatTensor, Normalize
+from fastai.losses import CrossEntropyLossFlat
 
 # %% auto #0
 __all__ = ['IDX_DTYPES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_CLASSES', 'DEBIAN_FASHION_MNIST', 'read_idx', 'write_idx',
@@ -141,6 +142,8 @@ class ArrayImages:
     def __getitem__(self, i): return self.x[i], self.y[i]
     @property
     def c(self) -> int: return len(self.vocab)
+    @property
+    def loss_func(self): return CrossEntropyLossFlat() # the loss fastai's `Learner` takes when given none, as for `Categorize`'s classes
     def decode(self, o, full=True): return (o[0], Category(self.vocab[int(o[1])]), *o[2:])
     def __repr__(self): return f"{type(self).__name__}: {len(self)} images {tuple(self.x.shape[1:])} of {self.c} classes"
 
