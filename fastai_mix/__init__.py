@@ -5,3 +5,4 @@ from .callback import *
 from .show import *
 from .fmix import *
 from .manifold import *
+from .calibration import *

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, functools, inspect, json, math, multiprocessing, os, shutil, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-import numpy as np, torch, torch.nn as nn
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from fasttransform import Transform, Pipeline
 from fastai.torch_core import set_seed, default_device, defaults
@@ -26,14 +26,17 @@ from .callback import MixUp, CutMix, ResizeMix
 from .fmix import FMix
 from .manifold import ManifoldMixup, tabular_comparison
 import fastai_mix.show # MixHandler.show_batch
+from .data import ArrayImages, array_dls, find_fashion_mnist, read_idx, DataNotFoundError, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
+from .calibration import ECE, pool_bins, plot_reliability
 
 # %% auto #0
-__all__ = ['ARCHS', 'MIXERS', 'DEFAULT_MIX', 'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError',
-           'own_dir', 'fresh_dir', 'true_label', 'write_digits', 'has_split', 'folder_label', 'image_classes',
-           'stage_folder', 'CachedImages', 'image_datasets', 'image_dls', 'small_cnn', 'make_model', 'make_mixer',
-           'save_batch', 'memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_summary', 'results_table',
-           'table_notes', 'plot_accuracy', 'plot_curves', 'save_results', 'torch_threads', 'check_data', 'run_demo',
-           'demo_parser', 'tabular_report', 'main']
+__all__ = ['FASHION_MNIST', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEMO', 'load_digits_arrays', 'split_idxs',
+           'check_noise', 'noisy_labels', 'DemoError', 'own_dir', 'fresh_dir', 'true_label', 'write_digits',
+           'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets', 'image_dls',
+           'fashion_datasets', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
+           'array_memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_interval', 'paired_summary',
+           'results_table', 'table_notes', 'plot_accuracy', 'plot_curves', 'plot_calibration', 'save_results',
+           'torch_threads', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report', 'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -216,6 +219,30 @@ def image_dls(
         raise DemoError(f"bs={bs} is more than the {len(dls.train_ds)} training images, so there is no full training batch: give a smaller --bs")
     return dls
 
+# %% ../nbs/02_demo.ipynb #f2a00002
+FASHION_MNIST = 'fashion-mnist' # the `data` (--data) that picks Fashion-MNIST
+
+@functools.lru_cache(maxsize=1)
+def _fashion_arrays(files:tuple) -> tuple: return tuple(read_idx(f) for f in files) # read once per process
+
+def fashion_datasets(
+    files:dict, # Fashion-MNIST's four IDX files, as `find_fashion_mnist` finds them
+    seed:int=42, # Seed of the training subset and of the noise
+    n_train:int|None=None, # Keep only this many training images, a seeded random subset (all 60,000 when None)
+    noise:float=0., # Share of the training labels to change (see `noisy_labels`)
+    size:int=28, # Side of the images fed to the model: 28 keeps them as they are, another resizes them (bilinear)
+) -> tuple: # (training `ArrayImages`, with their labels before the noise as `original`; the test images as `ArrayImages`)
+    "Fashion-MNIST's training subset (with label noise) and its whole test set, held in memory for `array_dls`"
+    xt, yt, xv, yv = _fashion_arrays(tuple(str(files[k]) for k in FASHION_MNIST_FILES))
+    idx = np.random.default_rng(seed).permutation(len(yt))[:n_train]
+    def images(x):
+        x = torch.as_tensor(x)[:, None]
+        if size == x.shape[-1]: return x
+        return F.interpolate(x.float(), size=(size, size), mode='bilinear', antialias=True).round().clamp(0, 255).byte()
+    train = ArrayImages(images(xt[idx]), noisy_labels(yt[idx], noise, len(FASHION_MNIST_CLASSES), seed), FASHION_MNIST_CLASSES)
+    train.original = yt[idx].astype(np.int64)
+    return train, ArrayImages(images(xv), yv, FASHION_MNIST_CLASSES)
+
 # %% ../nbs/02_demo.ipynb #5798875e
 def small_cnn(
     n_out:int, # Number of classes
@@ -232,12 +259,15 @@ ARCHS = ('small', 'resnet18')
 def make_model(
     arch:str, # 'small' (`small_cnn`) or 'resnet18' (torchvision's, not pretrained)
     n_out:int, # Number of classes
+    n_in:int=3, # Input channels: 3 for the RGB images of a folder, 1 for Fashion-MNIST's grey ones
 ) -> nn.Module:
     "A freshly initialised model of architecture `arch`"
-    if arch == 'small': return small_cnn(n_out)
+    if arch == 'small': return small_cnn(n_out, n_in)
     if arch == 'resnet18':
         from torchvision.models import resnet18
-        return resnet18(weights=None, num_classes=n_out)
+        m = resnet18(weights=None, num_classes=n_out)
+        if n_in != 3: m.conv1 = nn.Conv2d(n_in, 64, 7, 2, 3, bias=False) # ResNet's first layer, for other channels
+        return m
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 # %% ../nbs/02_demo.ipynb #d292cec5
@@ -263,7 +293,7 @@ def save_batch(
 ) -> Path:
     "Write the mixer's `show_batch` of its learner's data, titled with the mixer's name, to `fname`"
     import matplotlib.pyplot as plt
-    fig = mixer.show_batch(max_n=max_n, nrows=2, seed=seed, show=False)
+    fig = mixer.show_batch(max_n=max_n, nrows=2, seed=seed, show=False, cmap='gray') # one-channel images in grey (RGB ones ignore cmap)
     fig.suptitle(type(mixer).__name__)
     fig.tight_layout()
     fig.savefig(fname, dpi=60)
@@ -283,8 +313,20 @@ def memorisation(
     return dict(memorised=float(np.mean([p == trained[i] for p, i in zip(pred, changed)])),
                 corrected=float(np.mean([p == original[i] for p, i in zip(pred, changed)])), n_changed=len(changed))
 
+def array_memorisation(
+    learn:Learner, # A trained learner
+    train:ArrayImages, # Its training images held in memory, with their labels before the noise as `original` (by `fashion_datasets`)
+) -> dict: # As `memorisation` returns
+    "`memorisation` of training images held in memory: how the model predicts those whose label was changed"
+    original, trained = np.asarray(train.original), train.y.numpy()
+    changed = np.flatnonzero(original != trained)
+    if not len(changed): return dict(memorised=None, corrected=None, n_changed=0)
+    dl = learn.dls.valid.new(ArrayImages(train.x[torch.as_tensor(changed)], trained[changed], train.vocab, split_idx=1)) # as validation: no augmentation
+    with learn.no_bar(): pred = learn.get_preds(dl=dl)[0].argmax(1).numpy()
+    return dict(memorised=float(np.mean(pred == trained[changed])), corrected=float(np.mean(pred == original[changed])), n_changed=len(changed))
+
 def train_mixer(
-    dsets:Datasets, # Training and validation images, as `image_datasets` makes them
+    dsets:Datasets|tuple, # Training and validation images: fastai `Datasets` (`image_datasets`), or two `ArrayImages` (`fashion_datasets`)
     mixer:str, # A name of `MIXERS`: 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'
     arch:str='small', # Model, see `make_model`
     epochs:int=5, # Epochs of `fit_one_cycle`
@@ -292,23 +334,26 @@ def train_mixer(
     bs:int=64, # Batch size
     seed:int=42, # Seed of the data order and the initial weights (then of the augmentation and the mixing)
     show:Path|None=None, # PNG file for a mixed training batch (`show_batch` seeded with `seed`), drawn before training
-    noisy:bool=False, # Some training labels were changed (files named by `write_digits` or `stage_folder`): measure `memorisation`
+    noisy:bool=False, # Some training labels were changed (named in the files by `write_digits` or `stage_folder`, or kept by `fashion_datasets`): measure `memorisation`
     progress:bool=True, # Show fastai's progress bar over the epochs (not its table of epochs)
-) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, `memorisation`, sec_per_epoch and the per-epoch `history`
+) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, ece, `memorisation`, sec_per_epoch, the per-epoch `history`, and the final `calibration` bins
     "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history"
+    arrays = not isinstance(dsets, Datasets)
     set_seed(seed, reproducible=True)
-    dls = image_dls(dsets, bs)
-    model = make_model(arch, dls.c)
-    cb = make_mixer(mixer, model)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
+    dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
+    model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3)
+    cb, calib = make_mixer(mixer, model), ECE()
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, calib], cbs=cb)
     if show is not None and cb is not None: save_batch(cb, show, seed=seed) # changes nothing: training is the same with or without
     start = time.perf_counter()
     with learn.no_logging(), (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr) # no table of epochs
     secs = time.perf_counter() - start
-    names = learn.recorder.metric_names[1:-1] # train_loss, valid_loss, accuracy (without epoch and time)
+    names = learn.recorder.metric_names[1:-1] # train_loss, valid_loss, accuracy, ece (without epoch and time)
     history = [dict(zip(names, map(float, v))) for v in learn.recorder.values]
-    memo = memorisation(learn, dsets.train.items) if noisy else dict(memorised=None, corrected=None, n_changed=0)
-    return dict(mixer=mixer, seed=seed, **history[-1], **memo, sec_per_epoch=secs / epochs, history=history)
+    bins = calib.bins # the last epoch's validation, read before `get_preds` below runs the metrics again
+    if not noisy: memo = dict(memorised=None, corrected=None, n_changed=0)
+    else: memo = array_memorisation(learn, dsets[0]) if arrays else memorisation(learn, dsets.train.items)
+    return dict(mixer=mixer, seed=seed, **history[-1], **memo, sec_per_epoch=secs / epochs, history=history, calibration=bins)
 
 # %% ../nbs/02_demo.ipynb #c6aec52c
 def t_quantile(
@@ -324,30 +369,45 @@ def mean_std(xs:list) -> tuple: # (mean, standard deviation with n-1; nan for on
     xs = np.asarray(xs, dtype=float)
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else math.nan
 
+def paired_interval(
+    diffs:list, # Per-seed differences
+    level:float=0.95, # Confidence level
+) -> tuple: # (mean, std, low, high); low and high are None for one difference
+    "The mean and std of paired differences, and the `level` paired t-interval of their mean"
+    d, sd = mean_std(diffs)
+    if len(diffs) < 2: return d, sd, None, None
+    half = t_quantile((1 + level) / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return d, sd, d - half, d + half
+
 def paired_summary(
-    runs:list[dict], # One dict per run, with `mixer`, `seed`, `accuracy` and `memorised` (as `train_mixer` returns)
+    runs:list[dict], # One dict per run, with `mixer`, `seed`, `accuracy`, `memorised` and `ece` (as `train_mixer` returns; `ece` may be left out)
     base:str='none', # Mixer the others are compared with, seed by seed
     level:float=0.95, # Confidence level of the interval of the paired difference
 ) -> list[dict]: # One dict per mixer, in the order of `runs`
-    "Per mixer: mean and std over seeds of the accuracy and memorisation, and the paired difference of accuracy with `base`"
+    "Per mixer: mean and std over seeds of the accuracy, memorisation and ECE, and the paired differences of accuracy and ECE with `base`"
     by = {}
     for r in runs: by.setdefault(r['mixer'], {})[r['seed']] = r
+    def stats(rs, seeds, k): # mean and std of `k` over the seeds, None when a run lacks it
+        v = [rs[s].get(k) for s in seeds]
+        return mean_std(v) if None not in v else (None, None)
     out = []
     for m, rs in by.items():
         seeds = sorted(rs)
         acc, acc_std = mean_std([rs[s]['accuracy'] for s in seeds])
-        memo = [rs[s]['memorised'] for s in seeds]
-        mem, mem_std = mean_std(memo) if None not in memo else (None, None)
-        row = dict(mixer=m, seeds=seeds, accuracy=acc, accuracy_std=acc_std, memorised=mem, memorised_std=mem_std)
+        (mem, mem_std), (ece, ece_std) = stats(rs, seeds, 'memorised'), stats(rs, seeds, 'ece')
+        row = dict(mixer=m, seeds=seeds, accuracy=acc, accuracy_std=acc_std, memorised=mem, memorised_std=mem_std, ece=ece, ece_std=ece_std)
         if base in by and m != base:
             if sorted(by[base]) != seeds: raise ValueError(f"{m!r} ran on seeds {seeds} and {base!r} on {sorted(by[base])}: a paired comparison needs the same seeds")
+            one = 'one seed: no spread to compare with'
             diffs = [rs[s]['accuracy'] - by[base][s]['accuracy'] for s in seeds]
-            diff, diff_std = mean_std(diffs)
-            row.update(diffs=diffs, diff=diff, diff_std=diff_std, diff_lo=None, diff_hi=None, verdict=f'one seed: no spread to compare with')
-            if len(seeds) > 1:
-                half = t_quantile((1 + level) / 2, len(seeds) - 1) * diff_std / math.sqrt(len(seeds))
-                row.update(diff_lo=diff - half, diff_hi=diff + half,
-                           verdict=f'better than {base}' if diff - half > 0 else f'worse than {base}' if diff + half < 0 else 'within the noise')
+            diff, diff_std, lo, hi = paired_interval(diffs, level)
+            row.update(diffs=diffs, diff=diff, diff_std=diff_std, diff_lo=lo, diff_hi=hi,
+                       verdict=one if lo is None else f'better than {base}' if lo > 0 else f'worse than {base}' if hi < 0 else 'within the noise')
+            if ece is not None and stats(by[base], seeds, 'ece')[0] is not None:
+                diffs = [rs[s]['ece'] - by[base][s]['ece'] for s in seeds]
+                diff, diff_std, lo, hi = paired_interval(diffs, level)
+                row.update(ece_diffs=diffs, ece_diff=diff, ece_diff_std=diff_std, ece_diff_lo=lo, ece_diff_hi=hi, # lower is better
+                           calibration=one if lo is None else 'better calibrated' if hi < 0 else 'worse calibrated' if lo > 0 else 'within the noise')
         out.append(row)
     return out
 
@@ -360,14 +420,17 @@ def results_table(
     summary:list[dict], # As `paired_summary` returns
     base:str='none', # The mixer the others were compared with
 ) -> str:
-    "The summary as a markdown table: accuracy, paired difference with `base` and its interval, memorisation, verdict"
-    rows = ['| mixer | test accuracy % | vs ' + base + ' (paired) | 95% interval | memorised % | verdict |',
-            '|---|---:|---:|---:|---:|---|']
+    "The summary as a markdown table: accuracy, paired difference with `base`, its interval, memorisation, verdict; the same for the ECE"
+    rows = ['| mixer | test accuracy % | vs ' + base + ' (paired) | 95% interval | memorised % | verdict | ECE % | ECE vs ' + base + ' | 95% interval | calibration |',
+            '|---|---:|---:|---:|---:|---|---:|---:|---:|---|']
+    def ci(r, k): return f"{r[k + '_lo']*100:+.1f} to {r[k + '_hi']*100:+.1f}" if r.get(k + '_lo') is not None else ''
     for r in summary:
         diff = _pm(r['diff'], r['diff_std'], sign='+') if 'diff' in r else ''
-        ci = f"{r['diff_lo']*100:+.1f} to {r['diff_hi']*100:+.1f}" if r.get('diff_lo') is not None else ''
         mem = _pm(r['memorised'], r['memorised_std']) if r['memorised'] is not None else '-'
-        rows.append(f"| {r['mixer']} | {_pm(r['accuracy'], r['accuracy_std'])} | {diff} | {ci} | {mem} | {r.get('verdict', '')} |")
+        ece = _pm(r['ece'], r['ece_std']) if r.get('ece') is not None else '-'
+        ece_diff = _pm(r['ece_diff'], r['ece_diff_std'], sign='+') if 'ece_diff' in r else ''
+        rows.append(f"| {r['mixer']} | {_pm(r['accuracy'], r['accuracy_std'])} | {diff} | {ci(r, 'diff')} | {mem} | {r.get('verdict', '')} "
+                    f"| {ece} | {ece_diff} | {ci(r, 'ece_diff')} | {r.get('calibration', '')} |")
     return '\n'.join(rows)
 
 def table_notes(
@@ -384,6 +447,9 @@ def table_notes(
     if settings.get('n_changed'):
         s += (f" memorised: share of the {settings['n_changed']} training images given a wrong label that the model "
               f"predicts with that wrong label (it learnt the noise by heart).")
+    s += (f" ECE: expected calibration error of the final model on the test images, in points (15 equal-width bins of its top-1 "
+          f"confidence; 0 when its confidence matches its accuracy); 'ECE vs {base}' is the paired difference in points, "
+          f"negative when the mixer is better calibrated, judged by the same 95% rule (calibration).")
     return s
 
 # %% ../nbs/02_demo.ipynb #241ec30a
@@ -422,17 +488,19 @@ def plot_curves(
     runs:list[dict], # One dict per run, as `train_mixer` returns
     fname:Path, # PNG file to write
 ) -> Path:
-    "Per mixer, the validation loss and accuracy per epoch, averaged over the seeds, ± one std shaded"
+    "Per mixer, the validation loss, accuracy and ECE (when measured) per epoch, averaged over the seeds, ± one std shaded"
     from matplotlib.ticker import MaxNLocator
-    fig, axs = _figure((9, 3.4), 2)
+    titles = dict(valid_loss='validation loss', accuracy='validation accuracy', ece='validation ECE (calibration error)')
+    keys = [k for k in titles if all(k in h for r in runs for h in r['history'])]
+    fig, axs = _figure((4.5 * len(keys), 3.4), len(keys))
     for i, m in enumerate(dict.fromkeys(r['mixer'] for r in runs)):
-        for ax, k in zip(axs, ('valid_loss', 'accuracy')):
+        for ax, k in zip(axs, keys):
             ys = np.array([[h[k] for h in r['history']] for r in runs if r['mixer'] == m])
             ep, mean = np.arange(1, ys.shape[1] + 1), ys.mean(0)
             ax.plot(ep, mean, color=f'C{i}', label=m)
             if len(ys) > 1: ax.fill_between(ep, mean - ys.std(0, ddof=1), mean + ys.std(0, ddof=1), color=f'C{i}', alpha=.15, lw=0)
-    for ax, k in zip(axs, ('validation loss', 'validation accuracy')):
-        ax.set(xlabel='epoch', title=k); ax.grid(alpha=.3)
+    for ax, k in zip(axs, keys):
+        ax.set(xlabel='epoch', title=titles[k]); ax.grid(alpha=.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0].set_yscale('log') # the first epochs' losses can be 100 times the last ones
     axs[1].legend()
@@ -440,12 +508,24 @@ def plot_curves(
     fig.savefig(fname, dpi=80)
     return Path(fname)
 
+def plot_calibration(
+    runs:list[dict], # One dict per run, with its `calibration` bins (as `train_mixer` returns)
+    fname:Path, # PNG file to write
+) -> Path:
+    "Per mixer, the reliability diagram of the final models' test predictions, pooled over the seeds"
+    fig = plot_reliability({m: pool_bins([r['calibration'] for r in runs if r['mixer'] == m]) for m in dict.fromkeys(r['mixer'] for r in runs)})
+    n = len({r['seed'] for r in runs})
+    fig.suptitle(f"final models' test predictions, pooled over {n} seed{'s' * (n > 1)}; on the diagonal: calibrated", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(fname, dpi=80)
+    return Path(fname)
+
 def save_results(
     runs:list[dict], # One dict per run, as `train_mixer` returns
     settings:dict, # The demo's settings, written along with the table
-    out:Path, # Folder for `results.md`, `results.json`, `accuracy.png` and `curves.png`
+    out:Path, # Folder for `results.md`, `results.json`, `accuracy.png`, `curves.png` and `calibration.png`
 ) -> dict: # The written paths by name
-    "Write the table, the settings and every run to `out/results.md` and `out/results.json`, and the two plots"
+    "Write the table, the settings and every run to `out/results.md` and `out/results.json`, and the plots (`calibration.png` when the runs have their bins)"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     summary = paired_summary(runs)
     sets = '\n'.join(f'- {k}: {v}' for k, v in settings.items())
@@ -454,6 +534,7 @@ def save_results(
     paths['json'].write_text(json.dumps(dict(settings=settings, summary=summary, runs=runs), indent=2) + '\n')
     plot_accuracy(runs, paths['accuracy'])
     plot_curves(runs, paths['curves'])
+    if all(r.get('calibration') for r in runs): paths['calibration'] = plot_calibration(runs, out/'calibration.png')
     return paths
 
 # %% ../nbs/02_demo.ipynb #fe656f68
@@ -487,18 +568,24 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 @functools.lru_cache(maxsize=1)
-def _seed_datasets(path:str, size:int, seed:int) -> Datasets: return image_datasets(Path(path), size, seed=seed) # once per seed and process
+def _seed_datasets(source:str|tuple, size:int, seed:int) -> Datasets|tuple: # once per seed and process
+    "The images of a seed: of the folder `source`, or of Fashion-MNIST for `source=('fashion-mnist', files, n_train, noise)`"
+    if isinstance(source, str): return image_datasets(Path(source), size, seed=seed)
+    _, files, n_train, noise = source
+    return fashion_datasets(dict(zip(FASHION_MNIST_FILES, files)), seed=seed, n_train=n_train, noise=noise, size=size)
 
-def _train_run(path:str, size:int, mixer:str, seed:int, **kwargs) -> tuple:
-    "One run of the demo, on the images of `path`: `train_mixer`'s dict, and the numbers of training and validation images"
-    dsets = _seed_datasets(path, size, seed)
-    return train_mixer(dsets, mixer, seed=seed, **kwargs), len(dsets.train), len(dsets.valid)
+def _train_run(source:str|tuple, size:int, mixer:str, seed:int, **kwargs) -> tuple:
+    "One run of the demo, on the images of `source`: `train_mixer`'s dict, and the numbers of training and validation images"
+    dsets = _seed_datasets(source, size, seed)
+    return train_mixer(dsets, mixer, seed=seed, **kwargs), *((len(dsets.train), len(dsets.valid)) if isinstance(dsets, Datasets) else map(len, dsets))
 
 def _start_worker(use_cuda, threads:int|None):
     "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files"
     import matplotlib; matplotlib.use('Agg')
     defaults.use_cuda = use_cuda
     if threads is not None: torch.set_num_threads(threads)
+
+FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000)
 
 def run_demo(
     mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' and 'manifold'
@@ -508,7 +595,8 @@ def run_demo(
     arch:str='small', # 'small' or 'resnet18'
     lr:float=0.01, # Maximum learning rate of `fit_one_cycle`
     noise:float=0.4, # Share of the training labels changed to another class
-    data:Path|None=None, # Image folder to use instead of the digits
+    data:Path|str|None=None, # Image folder to use instead of the digits, or 'fashion-mnist' (give it `FASHION_MNIST_DEMO`'s settings)
+    root:Path|None=None, # With data='fashion-mnist': the folder of its IDX files (see `find_fashion_mnist`); None: the usual places
     out:Path='demo_out', # Folder for the images the demo writes and the results: new, empty, or one the demo wrote
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
     seeds:int=3, # Number of seeds: every mixer is trained once per seed
@@ -528,28 +616,38 @@ def run_demo(
     for k, v in dict(jobs=jobs, threads=threads).items():
         if v is not None and v < 1: raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
     out, start, seed_list = Path(out), time.perf_counter(), list(range(seed, seed + seeds))
-    if data is not None: check_data(data, out)
+    fashion = isinstance(data, str) and data == FASHION_MNIST
+    if root is not None and not fashion:
+        raise DemoError(f"--root {root} is the folder of Fashion-MNIST's files, for --data {FASHION_MNIST} only: leave it out, or add --data {FASHION_MNIST}")
+    if fashion:
+        if n_train is not None and n_train < bs:
+            raise DemoError(f"--bs {bs} is more than the {n_train} training images of --n-train, so there is no full training batch: give a smaller --bs or a larger --n-train")
+        try: files = find_fashion_mnist(root)
+        except DataNotFoundError as e: raise DemoError(str(e)) from None
+    elif data is not None: check_data(data, out)
     own_dir(out) # before anything is written
-    staged = data is None or noise > 0 or n_train is not None # else `data` is read in place
-    root = fresh_dir(out/('digits' if data is None else 'data')) if staged else Path(data)
+    staged = not fashion and (data is None or noise > 0 or n_train is not None) # else the images are read in place
+    images = fresh_dir(out/('digits' if data is None else 'data')) if staged else Path(files['train_images']).parent if fashion else Path(data)
     batches = {m: out/f'batch_{m}.png' for m in mix if m != 'none'}
     for m in MIXERS: (out/f'batch_{m}.png').unlink(missing_ok=True) # no picture of an earlier run stays
-    paths = {} # every seed's images, written before any run needs them
+    (out/'calibration.png').unlink(missing_ok=True)
+    paths = {} # every seed's images, written before any run needs them (Fashion-MNIST's: where to read them)
     for s in seed_list:
-        if data is None: paths[s] = write_digits(root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
-        elif staged: paths[s] = stage_folder(data, root/f'seed{s}', seed=s, n_train=n_train, noise=noise)
-        else: paths[s] = root
+        if fashion: paths[s] = (FASHION_MNIST, tuple(str(files[k]) for k in FASHION_MNIST_FILES), n_train, noise)
+        elif data is None: paths[s] = write_digits(images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
+        elif staged: paths[s] = stage_folder(data, images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
+        else: paths[s] = images
     todo = [(m, s) for s in seed_list for m in mix] # the runs, in the order of the table
     jobs = min(jobs or _usable_cpus(), len(todo))
     def run_kw(m, s): # `_train_run`'s arguments for mixer `m` and seed `s`
-        return dict(path=str(paths[s]), size=size, mixer=m, seed=s, arch=arch, epochs=epochs, lr=lr, bs=bs, noisy=noise > 0,
+        return dict(source=paths[s] if fashion else str(paths[s]), size=size, mixer=m, seed=s, arch=arch, epochs=epochs, lr=lr, bs=bs, noisy=noise > 0,
                     show=batches.get(m) if s == seed else None, progress=progress and jobs == 1)
     done = {}
     def finished(m, s, res):
         done[m, s] = res
         r = res[0]
         memo = '' if r['memorised'] is None else f", memorised {r['memorised']:.1%}"
-        print(f"{m:>9} seed {s}: accuracy {r['accuracy']:.1%}{memo} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
+        print(f"{m:>9} seed {s}: accuracy {r['accuracy']:.1%}{memo}, ECE {r['ece']:.1%} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
     if jobs == 1:
         try:
             with torch_threads(threads):
@@ -566,7 +664,7 @@ def run_demo(
     runs = [done[t][0] for t in todo]
     settings = dict(mix=list(mix), seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
                     n_train_images=done[todo[-1]][1], n_valid_images=done[todo[-1]][2], n_changed=runs[0]['n_changed'],
-                    data=str(data) if data is not None else 'sklearn digits', images=str(root), device=str(default_device()),
+                    data=str(data) if data is not None else 'sklearn digits', images=str(images), device=str(default_device()),
                     torch=torch.__version__, threads=threads, jobs=jobs, wall_seconds=None)
     settings['wall_seconds'] = round(time.perf_counter() - start, 1) # what the table took, before writing it
     paths = [*save_results(runs, settings, out).values(), *batches.values()]
@@ -604,31 +702,52 @@ def _share(s:str) -> float:
     try: return check_noise(float(s))
     except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
 
-def demo_parser() -> argparse.ArgumentParser:
-    "The parser of the `fastai-mix` command; its defaults are `run_demo`'s"
+def _data(s:str) -> Path|str: return FASHION_MNIST if s == FASHION_MNIST else Path(s)
+
+def demo_defaults(
+    data:Path|str|None, # The value of --data
+) -> dict:
+    "The defaults of the options that depend on the data: `FASHION_MNIST_DEMO` for --data fashion-mnist, else `run_demo`'s (the digits')"
     D = {k: p.default for k, p in inspect.signature(run_demo).parameters.items()}
+    return dict(FASHION_MNIST_DEMO) if data == FASHION_MNIST else {k: D[k] for k in FASHION_MNIST_DEMO}
+
+def demo_parser() -> argparse.ArgumentParser:
+    "The parser of the `fastai-mix` command; its defaults are `run_demo`'s, and `FASHION_MNIST_DEMO` with --data fashion-mnist"
+    D, F = ({k: p.default for k, p in inspect.signature(run_demo).parameters.items()}, FASHION_MNIST_DEMO)
     p = argparse.ArgumentParser(prog='fastai-mix', description='MixUp, CutMix and ResizeMix callbacks for fastai')
     sub = p.add_subparsers(dest='command', required=True, metavar='command')
-    d = sub.add_parser('demo', help='compare no mixing, MixUp, CutMix and ResizeMix on real digits with noisy labels, over seeds',
+    d = sub.add_parser('demo', help='compare no mixing, MixUp, CutMix and ResizeMix on real digits with noisy labels (or on '
+                                    'Fashion-MNIST with clean labels), over seeds',
                        description='Train the same small CNN once per mixer and seed, on the same images, wrong labels and initial weights '
-                                   'per seed; print the paired comparison and write results.md, results.json, accuracy.png, curves.png '
-                                   'and a mixed training batch per mixer (batch_<mixer>.png) to --out.')
+                                   'per seed; print the paired comparison of accuracy and calibration (ECE) and write results.md, '
+                                   'results.json, accuracy.png, curves.png, calibration.png and a mixed training batch per mixer '
+                                   '(batch_<mixer>.png) to --out.')
     def arg(name, help, shown='%(default)s', **kw): d.add_argument(name, help=f"{help} (default: {shown})", **kw)
-    arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, default=','.join(D['mix']), metavar='NAMES', shown=','.join(D['mix']))
-    arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, default=D['epochs'], metavar='N')
-    arg('--noise', 'share of the training labels changed to another class; 0 keeps them', type=_share, default=D['noise'], metavar='F')
-    arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, default=D['n_train'], metavar='N')
+    def data_arg(name, help, show=str, **kw): # an option whose default depends on --data: filled in by `demo_defaults`
+        k = name[2:].replace('-', '_')
+        arg(name, help, default=argparse.SUPPRESS, shown=f"{show(D[k])}; {show(F[k])} with --data {FASHION_MNIST}", **kw)
+    all_ = lambda n: 'all' if n is None else n
+    data_arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, metavar='NAMES', show=','.join)
+    data_arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, metavar='N')
+    data_arg('--noise', 'share of the training labels changed to another class; 0 keeps them', type=_share, metavar='F')
+    data_arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, metavar='N', show=all_)
     arg('--seeds', 'number of seeds: each mixer is trained once per seed', type=_positive, default=D['seeds'], metavar='N')
     arg('--seed', 'first seed; a seed fixes the split, the training subset, the wrong labels, the data order and the initial weights',
         type=_natural, default=D['seed'], metavar='N')
-    arg('--bs', 'batch size', type=_positive, default=D['bs'], metavar='N')
-    arg('--size', 'side of the images fed to the model, in pixels', type=_positive, default=D['size'], metavar='PX')
+    data_arg('--bs', 'batch size', type=_positive, metavar='N')
+    data_arg('--size', 'side of the images fed to the model, in pixels', type=_positive, metavar='PX')
     arg('--arch', 'model: a small CNN, or resnet18 from random weights', choices=ARCHS, default=D['arch'])
-    arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float, default=D['lr'])
+    data_arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float)
     arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits: an image is of '
                   'the class folder that holds it, however deep; images beside the class folders, in no class, are refused; '
-                  'the same noise and subset apply (--noise 0 --n-train all for your labels as they are)',
-        type=Path, default=D['data'], metavar='PATH', shown="scikit-learn's digits")
+                  "the same noise and subset apply (--noise 0 --n-train all for your labels as they are). Or 'fashion-mnist': "
+                  "Fashion-MNIST's training images (a subset, labels as given) and its 10,000 test images, with their own defaults "
+                  '(clean labels trained long)',
+        type=_data, default=D['data'], metavar='PATH', shown="scikit-learn's digits")
+    arg('--root', f"with --data {FASHION_MNIST}: the folder of its four IDX files (.gz or not), or torchvision's root holding "
+                  "FashionMNIST/raw/; they are downloaded there through torchvision when missing",
+        type=Path, default=D['root'], metavar='DIR', shown="Debian's /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist), "
+                                                          "then ~/.fastai/data/FashionMNIST/raw, downloaded there when missing")
     arg('--out', 'folder for the written images and the results: a new or empty folder, or one the demo wrote before; '
                  'not inside --data', type=Path, default=Path(D['out']), metavar='PATH')
     arg('--jobs', 'processes training the runs at once; the numbers are the same whatever it is (fastai\'s progress bars only with 1)',
@@ -665,6 +784,6 @@ def main(
         with torch_threads(1): res = tabular_comparison(args.dataset, seeds=range(args.seeds), epochs=args.epochs)
         print(f"{args.dataset}: {tabular_report(res)}\nwall time {time.perf_counter() - start:.0f} s")
         return
-    kw = {k: v for k, v in vars(args).items() if k != 'command'}
+    kw = {**demo_defaults(args.data), **{k: v for k, v in vars(args).items() if k != 'command'}}
     try: run_demo(**kw)
     except DemoError as e: demo_parser().error(str(e))
