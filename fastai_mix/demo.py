@@ -585,7 +585,7 @@ def _start_worker(use_cuda, threads:int|None):
     defaults.use_cuda = use_cuda
     if threads is not None: torch.set_num_threads(threads)
 
-FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000)
+FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3)
 
 def run_demo(
     mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' and 'manifold'
@@ -599,7 +599,7 @@ def run_demo(
     root:Path|None=None, # With data='fashion-mnist': the folder of its IDX files (see `find_fashion_mnist`); None: the usual places
     out:Path='demo_out', # Folder for the images the demo writes and the results: new, empty, or one the demo wrote
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
-    seeds:int=3, # Number of seeds: every mixer is trained once per seed
+    seeds:int=5, # Number of seeds: every mixer is trained once per seed
     n_train:int|None=200, # Keep only this many training images (all when None)
     jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs
     threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
@@ -731,7 +731,7 @@ def demo_parser() -> argparse.ArgumentParser:
     data_arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, metavar='N')
     data_arg('--noise', 'share of the training labels changed to another class; 0 keeps them', type=_share, metavar='F')
     data_arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, metavar='N', show=all_)
-    arg('--seeds', 'number of seeds: each mixer is trained once per seed', type=_positive, default=D['seeds'], metavar='N')
+    data_arg('--seeds', 'number of seeds: each mixer is trained once per seed', type=_positive, metavar='N')
     arg('--seed', 'first seed; a seed fixes the split, the training subset, the wrong labels, the data order and the initial weights',
         type=_natural, default=D['seed'], metavar='N')
     data_arg('--bs', 'batch size', type=_positive, metavar='N')
