@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Hold a run of the default demo to README.md's table: CI runs `bash tools/demo.sh --out DIR`, then
-`.venv/bin/python tools/check_demo.py DIR/results.json`. It fails when a verdict differs from the README's, or when a mean
-accuracy or paired difference moves by more than the tolerance the README states (`<!-- demo:tolerance -->`)."""
+`.venv/bin/python tools/check_demo.py DIR/results.json`. It fails when an accuracy verdict differs from the README's, or when a
+mean accuracy or paired difference moves by more than the tolerance the README states (`<!-- demo:tolerance -->`).
+The calibration columns are not held: their spread between machines is not measured yet."""
 import json, re, sys
 from pathlib import Path
 
@@ -11,13 +12,11 @@ def readme_table(text:str) -> dict:
     "The default run's table in README.md: {mixer: (accuracy %, paired difference % or None, verdict)}"
     m = re.search(r'<!-- demo:default -->\n(.*?)<!-- /demo:default -->', text, re.S)
     if not m: raise SystemExit("README.md has no <!-- demo:default --> table")
-    rows = {}
-    for line in m[1].splitlines():
-        cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        if len(cells) < 4 or not re.match(r'^-?[\d.]+', cells[1]): continue # the header, the rule, the text
-        num = lambda s: float(s.split('±')[0]) if s else None
-        rows[cells[0]] = (num(cells[1]), num(cells[2]), cells[-1])
-    return rows
+    lines = [[c.strip() for c in l.strip().strip('|').split('|')] for l in m[1].splitlines() if l.startswith('|')]
+    head = lines[0]
+    acc, diff, verdict = head.index('test accuracy %'), head.index('vs none (paired)'), head.index('verdict')
+    num = lambda s: float(s.split('±')[0]) if s else None
+    return {row[0]: (num(row[acc]), num(row[diff]), row[verdict]) for row in lines[2:]} # after the header and its rule
 
 def tolerance(text:str) -> float:
     "The tolerance in points the README states, between `<!-- demo:tolerance -->` markers"
