@@ -98,7 +98,7 @@ def test_defaults_follow_the_data(monkeypatch):
     digits = dict(mix=DEFAULT_MIX, epochs=50, bs=32, size=16, lr=0.01, noise=0.4, n_train=200)
     eq_({k: got[0][k] for k in digits}, digits)
     eq_({k: got[1][k] for k in FASHION_MNIST_DEMO}, FASHION_MNIST_DEMO)
-    eq_(FASHION_MNIST_DEMO, dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000))
+    eq_(FASHION_MNIST_DEMO, dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3))
     eq_({k: got[2][k] for k in ('mix', 'epochs', 'n_train', 'noise', 'size', 'bs')}, dict(mix=('none', 'cutmix'), epochs=3, n_train=None, noise=.2, size=32, bs=64))
     eq_((got[3]['data'], got[3]['epochs']), (Path('some/folder'), 50))
 
