@@ -396,6 +396,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'fastai_mix.test_utils.MixSpy.before_fit': ( 'test_utils.html#mixspy.before_fit',
                                                                                     'fastai_mix/test_utils.py'),
                                        'fastai_mix.test_utils.blend_shares': ('test_utils.html#blend_shares', 'fastai_mix/test_utils.py'),
+                                       'fastai_mix.test_utils.digit_images': ('test_utils.html#digit_images', 'fastai_mix/test_utils.py'),
+                                       'fastai_mix.test_utils.digits_dls': ('test_utils.html#digits_dls', 'fastai_mix/test_utils.py'),
                                        'fastai_mix.test_utils.paste_shares': ('test_utils.html#paste_shares', 'fastai_mix/test_utils.py'),
                                        'fastai_mix.test_utils.synth_dls': ('test_utils.html#synth_dls', 'fastai_mix/test_utils.py'),
                                        'fastai_mix.test_utils.synth_learner': ('test_utils.html#synth_learner', 'fastai_mix/test_utils.py'),
