@@ -78,3 +78,12 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     learn = ns['learn']
     assert type(learn.cut_mix).__name__ == 'CutMix' and len(learn.recorder.values) == 1 # the last fit's one epoch
     assert learn.loss_func is learn.dls.loss_func or type(learn.loss_func).__name__ == 'CrossEntropyLossFlat'
+
+def test_sidebar_lists_every_notebook():
+    "nbs/sidebar.yml (committed, in reading order: `custom_sidebar`) gives every notebook a page in the docs site, once"
+    import yaml
+    from nbdev.config import get_config
+    assert get_config(str(ROOT)).custom_sidebar # else nbdev-proc-nbs would rewrite it in file order
+    def files(items): return [f for i in items for f in (files(i['contents']) if isinstance(i, dict) else [i])]
+    listed = files(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents'])
+    assert sorted(listed) == sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb')), listed
