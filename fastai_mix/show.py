@@ -186,9 +186,9 @@ def show_batch(self:MixHandler,
         ys, ys1 = ([t for t, mk in zip(o[dl.n_inp:], masks) if not mk] for o in (s, s1))
         pct = int(pcts[i])
         if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct))
-        if u is not None and pct < 100: # label_mode='union': the labels the loss sees, over where they came from
+        elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
+        if u is not None and ys and pct < 100: # label_mode='union': the labels the loss sees, over where they came from
             us = [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]
             ax.set_title(f"{'/'.join(map(label_str, us))}\n= {ax.get_title()}", fontsize='small')
-        elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
     fig.tight_layout()
     return None if show else fig
