@@ -18,7 +18,7 @@ from fastai.vision.models.unet import DynamicUnet
 from fastcore.meta import delegates
 import matplotlib.pyplot as plt
 from .core import *
-from .core import _mix_targets
+from .core import _mix_targets, _policy_target, _partners, _alone, remix_shares
 from .callback import MixHandler
 import fastai_mix.show # `show_batch` on the mixers
 
@@ -243,14 +243,16 @@ class ManifoldMixup(MixHandler):
     "Manifold Mixup (Verma et al. 2019, https://arxiv.org/abs/1806.05236): blend each sample with a partner at a place picked per batch"
     _stateattrs, per_sample_choice = MixHandler._stateattrs + ('_pending', '_places'), False # `MixChoice(per_sample=True)` cannot hold it: see below
     _places = None # (what they were found for, the places): found and probed once per model
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5, as MixUp's)
         module_list:list|None=None, # Modules (or their names in `model.named_modules()`) whose outputs may be mixed; None: a default per architecture
         use_input_mixup:bool=True, # The inputs are one of the places (for a `TabularModel`: its joined embeddings and continuous columns)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        **kwargs, # The partner options of `MixHandler`: `partner`, `sigma`, `class_counts`, `remix`
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
         self.module_list, self.use_input_mixup = check_module_list(module_list), check_flag(use_input_mixup, 'use_input_mixup')
 
     _repr_args = ('alpha', 'module_list', 'use_input_mixup', 'p', 'stop_pct')
@@ -301,14 +303,19 @@ class ManifoldMixup(MixHandler):
         places = self.places(learn.model, xb) if live else self._outside(learn, xb)
         k = int(torch.randint(len(places), ())) if len(places) > 1 else 0 # a host draw, as all the draws below: no sync
         n, dev, floats = len(ref), ref.device, [o for o in xb if o.is_floating_point()]
-        lam, perm = mixup_lam(n, self.current('alpha'), dev), torch.randperm(n, device=dev)
+        kw, name = self.partner_kw(xb), type(self).__name__
+        yp = _policy_target(yb, n, self.partner, self.remix, name)
+        lam = mixup_lam(n, self.current('alpha'), dev)
+        perm, counts = _partners(n, yp, self.partner, self.sigma, kw.get('class_counts'), self.remix, dev, None, name)
         p = self.current('p')
         if p < 1: lam = torch.where(torch.rand(n, device=dev) < p, lam, 1.)
+        if self.partner != 'random': lam = torch.where(_alone(perm), 1., lam) # no partner: a share of 1
+        label = (lambda lam: lam) if self.remix is None else (lambda lam: remix_shares(lam, yp, perm, counts, *self.remix)) # the loss's share
         place = places[k]
         if place.kind == 'batch': # the inputs: as MixUp
             lam = round_share(lam, floats)
             xm = tuple(lerp_mix(o, perm, lam) for o in xb)
-            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, type(self).__name__)), perm, lam
+            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, name)), perm, label(lam)
         dt = _autocast_dtype(dev) # `to_fp16`/`to_bf16`: the activations are in that dtype, the shares are rounded through it
         lam = round_share(lam, floats + ([torch.empty(0, dtype=dt)] if dt in _half else []))
         ym = tuple(lerp_mix(y, perm, lam) if y.is_floating_point() else y for y in yb) # dense targets blended, class indices kept
@@ -318,7 +325,7 @@ class ManifoldMixup(MixHandler):
                         mod.register_forward_hook(_Hook(self, pend, 'output')) if place.kind == 'output'
                         else mod.register_forward_pre_hook(_Hook(self, pend, 'input')),
                         model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
-        return (xb, ym), perm, lam
+        return (xb, ym), perm, label(lam)
 
     def _blend(self, pend:_Pending, t) -> Tensor:
         "The activation `t` at the picked place, each sample blended with its partner's"
@@ -342,7 +349,8 @@ class ManifoldMixup(MixHandler):
         "Show the batch as the input pick mixes it (the hidden picks blend activations: they have no pixels to show)"
         res = MixHandler.show_batch(self, dls, show=show, **kwargs)
         fig = plt.gcf() if res is None else res
-        fig.suptitle(f"{type(self).__name__}: the input pick; the other picks blend hidden activations, which have no pixels to show", fontsize='small')
+        above = fig._suptitle.get_text() + '\n' if fig._suptitle is not None else '' # what `MixHandler.show_batch` says of the partners
+        fig.suptitle(f"{above}{type(self).__name__}: the input pick; the other picks blend hidden activations, which have no pixels to show", fontsize='small')
         fig.tight_layout()
         return res
 
@@ -351,11 +359,13 @@ _regression_losses = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.G
 
 class OutputMixup(ManifoldMixup):
     "Output Mixup: blend each sample's logits with its partner's, and mix the loss or the targets to match"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-    ): super().__init__(alpha, None, False, p, stop_pct)
+        **kwargs, # The partner options of `MixHandler`: `partner`, `sigma`, `class_counts`, `remix`
+    ): super().__init__(alpha, None, False, p, stop_pct, **kwargs)
     _repr_args = ('alpha', 'p', 'stop_pct')
 
     def places(self, model:nn.Module, xb=None) -> list[Place]:
