@@ -20,29 +20,8 @@ from .core import *
 from .core import _unmixed, _as_list, _alone
 
 # %% auto #0
-__all__ = ['train_class_counts', 'mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp',
-           'CutMix', 'ResizeMix', 'MixChoice']
-
-# %% ../nbs/01_callback.ipynb #88b44935
-def train_class_counts(
-    dls, # `DataLoaders` (their training one is read) or one `DataLoader`
-) -> Tensor: # int64 (number of classes,): the training samples of each class index
-    "Count the class indices of the training data's first target: fastai `Datasets`, `TabularPandas`, a `TensorDataset`, or a dataset with `targets`"
-    dl = dls.train if isinstance(dls, DataLoaders) else dls
-    ds, n_inp = dl.dataset, getattr(dl, 'n_inp', 1)
-    if hasattr(ds, 'tls') and len(ds.tls) > n_inp: y = [ds.tls[n_inp][i] for i in range(len(ds))] # the labels alone: no input is loaded
-    elif hasattr(ds, 'ys') and hasattr(ds, 'y_names'): y = ds.ys[ds.y_names[0]].values # fastai's tabular data
-    elif hasattr(ds, 'tensors'): y = ds.tensors[-1]
-    elif hasattr(ds, 'targets'): y = ds.targets
-    else: raise ValueError(f"Cannot read the class of each training sample from a {type(ds).__name__}: give the mixer class_counts=[...], "
-                           "the number of training samples of each class index")
-    try: y = torch.as_tensor(np.asarray([int(o) for o in y]) if isinstance(y, list) else np.asarray(y) if not isinstance(y, Tensor) else y)
-    except (TypeError, ValueError): y = None
-    if y is None or y.is_floating_point() or y.ndim != 1 or not len(y) or (y < 0).any(): raise ValueError(
-        f"The first target of the training data ({type(ds).__name__}) does not hold one class index per sample, which partner='balanced' and "
-        "remix count: give the mixer class_counts=[...], the number of training samples of each class index")
-    vocab = getattr(dls, 'vocab', None)
-    return torch.bincount(y.long(), minlength=len(vocab) if vocab is not None and not isinstance(vocab[0], (list, tuple)) else 0)
+__all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
+           'MixChoice', 'train_class_counts']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
@@ -508,3 +487,24 @@ class MixChoice(MixHandler):
             for k in (k for k, on in enumerate(policy, 1) if on): self._policy_mask |= pick == k
         return res
 
+
+# %% ../nbs/01_callback.ipynb #88b44935
+def train_class_counts(
+    dls, # `DataLoaders` (their training one is read) or one `DataLoader`
+) -> Tensor: # int64 (number of classes,): the training samples of each class index
+    "Count the class indices of the training data's first target: fastai `Datasets`, `TabularPandas`, a `TensorDataset`, or a dataset with `targets`"
+    dl = dls.train if isinstance(dls, DataLoaders) else dls
+    ds, n_inp = dl.dataset, getattr(dl, 'n_inp', 1)
+    if hasattr(ds, 'tls') and len(ds.tls) > n_inp: y = [ds.tls[n_inp][i] for i in range(len(ds))] # the labels alone: no input is loaded
+    elif hasattr(ds, 'ys') and hasattr(ds, 'y_names'): y = ds.ys[ds.y_names[0]].values # fastai's tabular data
+    elif hasattr(ds, 'tensors'): y = ds.tensors[-1]
+    elif hasattr(ds, 'targets'): y = ds.targets
+    else: raise ValueError(f"Cannot read the class of each training sample from a {type(ds).__name__}: give the mixer class_counts=[...], "
+                           "the number of training samples of each class index")
+    try: y = torch.as_tensor(np.asarray([int(o) for o in y]) if isinstance(y, list) else np.asarray(y) if not isinstance(y, Tensor) else y)
+    except (TypeError, ValueError): y = None
+    if y is None or y.is_floating_point() or y.ndim != 1 or not len(y) or (y < 0).any(): raise ValueError(
+        f"The first target of the training data ({type(ds).__name__}) does not hold one class index per sample, which partner='balanced' and "
+        "remix count: give the mixer class_counts=[...], the number of training samples of each class index")
+    vocab = getattr(dls, 'vocab', None)
+    return torch.bincount(y.long(), minlength=len(vocab) if vocab is not None and not isinstance(vocab[0], (list, tuple)) else 0)

@@ -338,11 +338,11 @@ def _policy_target(y, n:int, partner:str, remix, caller:str) -> Tensor|None:
         if not t.is_floating_point(): raise ValueError(
             f"{caller}: partner='kernel' draws partners by the distance between dense float targets (regression), but the first target is "
             f"a {t.dtype} tensor of shape {tuple(t.shape)} (class indices): for classes use partner='balanced', 'same_class' or 'other_class'")
-        return t
+        return _plain(t)
     if t.is_floating_point() or t.dtype == torch.bool or not (t.ndim == 1 or t.ndim == 2 and t.shape[1] == 1): raise ValueError(
         f"{caller}: {what} pairs by class, so the first target must hold class indices (an integer tensor (N,) or (N, 1)), but it is a "
         f"{t.dtype} tensor of shape {tuple(t.shape)}" + (": for regression targets use partner='kernel'" if t.is_floating_point() else ""))
-    return t.reshape(n)
+    return _plain(t).reshape(n) # a plain tensor: partners drawn from fastai's `TensorCategory` would stay one
 
 def _class_table(class_counts, y:Tensor, what:str, caller:str) -> Tensor:
     "float32 counts on `y`'s device, zeros raised to the smallest count above 0; a class index outside them raises (on a GPU, at its next sync)"
