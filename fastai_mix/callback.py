@@ -7,19 +7,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 import inspect, numbers, hashlib, reprlib, sys
 from contextlib import contextmanager
+import numpy as np
 import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
+from fastai.data.core import DataLoaders
 from fastcore.meta import delegates
 from .core import *
-from .core import _unmixed, _as_list, _ce_params
+from .core import _unmixed, _as_list, _ce_params, _alone
 
 # %% auto #0
 __all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
-           'MixChoice']
+           'MixChoice', 'train_class_counts']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
@@ -152,11 +154,12 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_dm_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_dm_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name', '_counts', '_alone', '_policy_mask', '_show_dl') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
     _rank_seed = _rank_states = None # this rank's random streams under distributed training
     _per_call = _idle = False # given to one fit (not to the learner); idle for a fit that was given another mixer
     _attr_name = None # its attribute on the learner when not fastai's usual name: see `name`
     _choice = None # the `MixChoice` that holds this mixer, if any
+    _counts = _alone = _policy_mask = _show_dl = None # class counts on the device; samples left alone this epoch; see `left_alone`
     per_sample_choice = True # whether `MixChoice(per_sample=True)` can hold it (a mixer that mixes inside the model cannot)
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
@@ -165,9 +168,14 @@ class MixHandler(Callback):
         *,
         decoupled:float=0., # Weight eta of the decoupled mixup term added to the mixed cross-entropy (class indices only); 0: off
         label_mode:str='blend', # Multi-label 0/1 float targets: 'blend' them by the shares, or take their 'union' (element-wise max)
+        partner:str='random', # Who mixes with whom: 'random', 'kernel' (regression), 'balanced', 'same_class' or 'other_class' (class indices)
+        sigma:float|str='auto', # Bandwidth of partner='kernel', in target units; 'auto': Silverman's rule on each batch's targets
+        class_counts=None, # Training samples of each class index, for partner='balanced' and `remix`; None: read from `learn.dls.train`
+        remix:tuple|None=None, # (kappa, tau): Remix's label rule for class indices, e.g. (3, 0.5); None: off
     ):
         self.alpha, self.p, self.stop_pct = check_alpha(alpha), check_share(p, 'p'), check_share(stop_pct, 'stop_pct')
         self.decoupled, self.label_mode = check_decoupled(decoupled), check_label_mode(label_mode)
+        self.partner, self.sigma, self.class_counts, self.remix = check_partner(partner, sigma, class_counts, remix)
         self._init_state()
 
     def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
@@ -230,6 +238,42 @@ class MixHandler(Callback):
         try: _ce_params(lf)
         except TypeError as e: raise TypeError(f"{name}(decoupled={self.decoupled}): {e}") from None
         self._dm_ok = lf
+    def _learner(self):
+        "The learner this mixer trains with: its own, or that of the `MixChoice` that holds it"
+        return self.learn if self.learn is not None else self._choice.learn if self._choice is not None else None
+
+    def _class_counts(self, device) -> Tensor:
+        "The class counts on `device`: `class_counts`, else read once from the training data (the learner's, or the one `show_batch` shows)"
+        learn = self._learner()
+        dl = learn.dls.train if learn is not None and getattr(learn, 'dls', None) is not None else self._show_dl
+        key = (str(device), None if self.class_counts is not None else id(getattr(dl, 'dataset', None)))
+        if self._counts is None or self._counts[0] != key:
+            if self.class_counts is not None: c = self.class_counts
+            elif dl is None: raise ValueError(
+                f"{type(self).__name__}(partner={self.partner!r}, remix={self.remix!r}) weighs by the training data's class counts: give "
+                "class_counts=[...] (the training samples of each class index), or put the mixer on a learner, whose training data it then counts")
+            else: c = train_class_counts(dl)
+            self._counts = key, torch.as_tensor(c, dtype=torch.float32).to(device)
+        return self._counts[1]
+
+    def partner_kw(self, xb:tuple) -> dict:
+        "The partner options for the core's functions, for a batch with inputs `xb`; none at all with the defaults"
+        if self.partner == 'random' and self.remix is None: return {}
+        kw = dict(partner=self.partner, sigma=self.sigma, remix=self.remix)
+        if self.partner == 'balanced' or self.remix is not None: kw['class_counts'] = self._class_counts(_ref(xb).device)
+        return kw
+
+    def left_alone(self) -> int:
+        "Samples of this epoch's training batches (so far) that had no possible partner under `partner`, and were left as they were; reading it waits for the GPU"
+        return 0 if self._alone is None else int(self._alone)
+
+    def _count_alone(self, perm:Tensor, lam):
+        "Add the batch's samples that had no partner to the epoch's count, on the device (no sync)"
+        mask = self._policy_mask
+        if (self.partner == 'random' and mask is None) or (isinstance(lam, float) and lam == 1): return
+        own = _alone(perm)
+        if mask is not None: own = own & mask
+        self._alone = own.sum() if self._alone is None else self._alone + own.sum()
 
     def mix(self, xb:tuple, yb:tuple, inplace:bool|None=None) -> tuple: # ((mixed xb, mixed yb), perm, lam), as the core's functions with `y`
         "Mix the inputs `xb` and the targets `yb` to match (`inplace`: may write into `xb`/`yb`; None: the mixer's own setting); subclasses implement this"
@@ -249,6 +293,7 @@ class MixHandler(Callback):
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
         (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
+        self._count_alone(perm, lam)
         if mixed: self.yb1 = tuple(gather(y, perm) if i else m for y, m, i in zip(yb, ym, index)) # mixed targets go as they are into both calls
 
     def after_pred(self):
@@ -282,6 +327,7 @@ class MixHandler(Callback):
 
     def after_loss(self): self._restore_loss()
     def after_batch(self): self._reset()
+    def before_train(self): self._alone = None # `left_alone` counts each epoch's training batches
     def after_train(self): self._reset() # also after a cancel that skipped `after_batch` (`CancelTrainException`, `CancelEpochException`)
     def after_epoch(self): self._reset()
     def before_validate(self): self._reset() # `get_preds(inner=True)` fires no `before_fit`
@@ -289,7 +335,13 @@ class MixHandler(Callback):
         self._reset() # after a fit ended by an interrupt inside the loss swap
         self._check_mixers()
         self._rank_seed, self._rank_states = rank_seed(), None # same seed and world size, same draws on each rank
+        if not self._idle: self._prime_counts(self.learn)
     def after_fit(self): self._reset(); self._idle = False
+
+    def _prime_counts(self, learn):
+        "Read the class counts a policy or Remix needs before the first batch, on the data's device (a copy to the GPU there would wait for it)"
+        if (self.partner == 'balanced' or self.remix is not None) and getattr(learn, 'dls', None) is not None:
+            self._class_counts(getattr(learn.dls, 'device', None) or 'cpu')
 
     def _check_mixers(self):
         "Refuse a second mixing callback at this one's level, or fastai's own; a mixer given to this fit leaves the learner's idle for it"
@@ -324,9 +376,9 @@ class MixUp(MixHandler):
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ): super().__init__(alpha, p, stop_pct, **kwargs)
-    def mix(self, xb, yb, inplace=None): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb, label_mode=self._label_mode())
+    def mix(self, xb, yb, inplace=None): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb, label_mode=self._label_mode(), **self.partner_kw(xb))
 
 # %% ../nbs/01_callback.ipynb #9c017985
 class CutMix(MixHandler):
@@ -339,13 +391,13 @@ class CutMix(MixHandler):
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see below)
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
     def mix(self, xb, yb, inplace=None):
         return cutmix(xb, self.current('alpha'), inplace=self.inplace if inplace is None else inplace, p=self.current('p'),
-                      per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode())
+                      per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode(), **self.partner_kw(xb))
 
 
 # %% ../nbs/01_callback.ipynb #73e5ded0
@@ -362,7 +414,7 @@ class ResizeMix(MixHandler):
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         (self.lam_min, self.lam_max), self.minmax = check_lam_range(lam_min, lam_max), check_minmax(minmax)
@@ -370,7 +422,7 @@ class ResizeMix(MixHandler):
         self.interpolation = check_interpolation(interpolation, self.per_sample)
     def mix(self, xb, yb, inplace=None):
         return resizemix(xb, self.current('alpha'), self.lam_min, self.lam_max, self.interpolation, inplace=self.inplace if inplace is None else inplace,
-                         p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode())
+                         p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode(), **self.partner_kw(xb))
 
 
 # %% ../nbs/01_callback.ipynb #b1c0e002
@@ -382,6 +434,8 @@ def _select(sel:Tensor, a, b):
     if not isinstance(b, Tensor): b = torch.full((len(sel),), float(b), device=sel.device)
     return torch.where(sel.view(len(sel), *[1] * (a.ndim - 1)), a, b)
 
+_partner_opts = ('partner', 'sigma', 'class_counts', 'remix')
+
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
     _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
@@ -392,7 +446,7 @@ class MixChoice(MixHandler):
         per_sample:bool=False, # Pick per sample instead of per batch
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # Keyword-only options of `MixHandler`: the choice's count for every pick
+        **kwargs, # Keyword-only options of `MixHandler`, for every pick: see below
     ):
         super().__init__(1.0, p, stop_pct, **kwargs)
         self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
@@ -409,12 +463,29 @@ class MixChoice(MixHandler):
         if own: raise ValueError(f"MixChoice applies its own decoupled= and label_mode= to every pick, but {', '.join(own)} sets its own: give the "
                                  "option to the MixChoice (MixChoice([...], decoupled=.1)) and leave the mixers it holds at their defaults")
         for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
+        self._pass_partner()
+
+    def _pass_partner(self):
+        "Give the choice's partner options to each mixer left at the defaults; refuse a mixer set otherwise"
+        defaults = {k: inspect.signature(MixHandler.__init__).parameters[k].default for k in _partner_opts}
+        for k in _partner_opts:
+            mine = getattr(self, k)
+            if mine == defaults[k]: continue
+            for m in self.mixers:
+                theirs = getattr(m, k)
+                if theirs != defaults[k] and theirs != mine: raise ValueError(
+                    f"MixChoice({k}={mine!r}) holds {type(m).__name__}({k}={theirs!r}): give {k} to the choice or to its mixers, not both")
+        for m in self.mixers: # checked together again: the options as each mixer ends up with them
+            opts = {k: getattr(self, k) if getattr(self, k) != defaults[k] else getattr(m, k) for k in _partner_opts}
+            m.partner, m.sigma, m.class_counts, m.remix = check_partner(**opts)
 
     def before_batch(self):
         self._pct = self.learn.pct_train # the mixers whose own `stop_pct` has passed are no longer picked
         super().before_batch()
     def after_batch(self): self._pct = None; super().after_batch()
-    def before_fit(self): self._pct = None; super().before_fit()
+    def before_fit(self):
+        self._pct = None; super().before_fit()
+        for m in self.mixers: m._prime_counts(self.learn)
     def _reset(self):
         super()._reset()
         for m in self.mixers: m._reset() # a mixer that hooks the model (ManifoldMixup) takes its hooks off
@@ -428,14 +499,40 @@ class MixChoice(MixHandler):
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
         chances, ref = self._chances(), _ref(xb) # token or category ids only (ManifoldMixup): the picked mixer says whether it can mix them
+        self._policy_mask, policy = None, [m.partner != 'random' for m in self.mixers] # which picks `left_alone` counts
         if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:
             k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw
+            if any(policy): self._policy_mask = torch.full((len(ref),), k > 0 and policy[k - 1], device=ref.device)
             return _unmixed(xb, yb, ref) if k == 0 else self.mixers[k - 1].mix(xb, yb, inplace)
         u, pick = torch.rand(len(ref), device=ref.device), torch.zeros(len(ref), dtype=torch.long, device=ref.device)
         for c in torch.tensor(chances).cumsum(0)[:-1].tolist(): pick += u >= c # each sample's pick, drawn on the device (no host-to-device copy)
         res = _unmixed(xb, yb, ref)
         for k, m in enumerate(self.mixers, 1):
             if chances[k] > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
+        if any(policy):
+            self._policy_mask = torch.zeros_like(pick, dtype=torch.bool)
+            for k in (k for k, on in enumerate(policy, 1) if on): self._policy_mask |= pick == k
         return res
 
+
+# %% ../nbs/01_callback.ipynb #88b44935
+def train_class_counts(
+    dls, # `DataLoaders` (their training one is read) or one `DataLoader`
+) -> Tensor: # int64 (number of classes,): the training samples of each class index
+    "Count the class indices of the training data's first target: fastai `Datasets`, `TabularPandas`, a `TensorDataset`, or a dataset with `targets`"
+    dl = dls.train if isinstance(dls, DataLoaders) else dls
+    ds, n_inp = dl.dataset, getattr(dl, 'n_inp', 1)
+    if hasattr(ds, 'tls') and len(ds.tls) > n_inp: y = [ds.tls[n_inp][i] for i in range(len(ds))] # the labels alone: no input is loaded
+    elif hasattr(ds, 'ys') and hasattr(ds, 'y_names'): y = ds.ys[ds.y_names[0]].values # fastai's tabular data
+    elif hasattr(ds, 'tensors'): y = ds.tensors[-1]
+    elif hasattr(ds, 'targets'): y = ds.targets
+    else: raise ValueError(f"Cannot read the class of each training sample from a {type(ds).__name__}: give the mixer class_counts=[...], "
+                           "the number of training samples of each class index")
+    try: y = torch.as_tensor(np.asarray([int(o) for o in y]) if isinstance(y, list) else np.asarray(y) if not isinstance(y, Tensor) else y)
+    except (TypeError, ValueError): y = None
+    if y is None or y.is_floating_point() or y.ndim != 1 or not len(y) or (y < 0).any(): raise ValueError(
+        f"The first target of the training data ({type(ds).__name__}) does not hold one class index per sample, which partner='balanced' and "
+        "remix count: give the mixer class_counts=[...], the number of training samples of each class index")
+    vocab = getattr(dls, 'vocab', None)
+    return torch.bincount(y.long(), minlength=len(vocab) if vocab is not None and not isinstance(vocab[0], (list, tuple)) else 0)

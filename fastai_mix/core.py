@@ -16,11 +16,13 @@ from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from fastai.torch_core import TensorMask
 
 # %% auto #0
-__all__ = ['as_real', 'check_alpha', 'check_share', 'check_flag', 'reduce_loss', 'loss_reduction', 'mix_loss', 'check_decoupled',
-           'decoupled_loss', 'beta_sample', 'check_minmax', 'is_mask', 'check_label_mode', 'union_mix', 'mixup_lam',
-           'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box', 'minmax_box',
-           'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes', 'nearest_index', 'resize_into_boxes', 'cutmix',
-           'check_lam_range', 'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
+__all__ = ['partners', 'as_real', 'check_alpha', 'check_share', 'check_flag', 'reduce_loss', 'loss_reduction', 'mix_loss',
+           'check_decoupled', 'decoupled_loss', 'beta_sample', 'check_minmax', 'is_mask', 'check_label_mode',
+           'union_mix', 'check_class_counts', 'check_remix', 'check_partner', 'kernel_sigma', 'partner_logits',
+           'draw_partners', 'remix_shares', 'mixup_lam', 'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share',
+           'cutmix_box', 'paste_box', 'minmax_box', 'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes',
+           'nearest_index', 'resize_into_boxes', 'cutmix', 'check_lam_range', 'check_interpolation', 'resize_box',
+           'paste_resized', 'resizemix', 'MixCollate']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
 def as_real(value) -> float|None:
@@ -302,6 +304,158 @@ def _unmixed(x, y, ref:Tensor, per_sample:bool=False) -> tuple:
     lam = torch.ones(len(ref), device=ref.device) if per_sample else 1.0
     return ((x, y) if y is not None else x), torch.arange(len(ref), device=ref.device), lam
 
+# %% ../nbs/00_core.ipynb #1c839f68
+partners = ('random', 'kernel', 'balanced', 'same_class', 'other_class') # the partner policies, see below
+
+def check_class_counts(class_counts) -> tuple|Tensor|None:
+    "Return `class_counts` as a tuple of floats (a tensor stays one), or raise `ValueError` unless it is None or one count >= 0 per class, not all 0"
+    if class_counts is None: return None
+    if isinstance(class_counts, Tensor): # kept on its device, unread (reading it would wait for the GPU)
+        if class_counts.ndim == 1 and len(class_counts) and not class_counts.is_complex() and class_counts.dtype != torch.bool: return class_counts
+        v = None
+    else:
+        try: v = [as_real(o) for o in (class_counts.tolist() if isinstance(class_counts, np.ndarray) else class_counts)]
+        except TypeError: v = None
+    if not v or any(o is None or not math.isfinite(o) or o < 0 for o in v) or not any(v):
+        raise ValueError(f"class_counts must be one count (or frequency) >= 0 per class index, not all 0, e.g. [500, 50, 5]; got {reprlib.repr(class_counts)}")
+    return tuple(v)
+
+def check_remix(remix) -> tuple|None:
+    "Return `remix` as (kappa, tau), or raise `ValueError` unless it is None or a pair with kappa >= 1 and 0 <= tau <= 1"
+    if remix is None: return None
+    pair = (isinstance(remix, Sequence) and not isinstance(remix, str) and len(remix) == 2)
+    k, t = (as_real(remix[0]), as_real(remix[1])) if pair else (None, None)
+    if k is None or not math.isfinite(k) or k < 1 or t is None or not 0 <= t <= 1: raise ValueError(
+        "remix must be None or (kappa, tau): kappa >= 1, the ratio of two class counts from which the rarer class takes the whole label, "
+        f"and tau in [0, 1], the share below which the sample of the frequent class loses its label; the paper uses (3, 0.5); got {remix!r}")
+    return k, t
+
+def check_partner(
+    partner:str='random', # Who mixes with whom: one of `partners`
+    sigma:float|str='auto', # Bandwidth of partner='kernel', in target units, or 'auto'
+    class_counts=None, # Count of each class, for partner='balanced' and `remix`
+    remix:tuple|None=None, # (kappa, tau) of Remix's label rule, or None
+) -> tuple: # (partner, sigma, class_counts, remix), checked
+    "Check the partner options together: raise `ValueError` naming the parameter, the value given and what is allowed"
+    if not isinstance(partner, str) or partner not in partners: raise ValueError(f"partner must be one of {partners}, got {partner!r}")
+    if not (isinstance(sigma, str) and sigma == 'auto'):
+        v = as_real(sigma)
+        if v is None or not math.isfinite(v) or v <= 0: raise ValueError(
+            f"sigma must be 'auto' (Silverman's rule on each batch's targets) or a finite number > 0 (the kernel's bandwidth, in target units), got {sigma!r}")
+        if partner != 'kernel': raise ValueError(f"sigma={sigma!r} is the bandwidth of partner='kernel'; with partner={partner!r} it does nothing: leave it out")
+        sigma = v
+    class_counts, remix = check_class_counts(class_counts), check_remix(remix)
+    if remix is not None and partner == 'kernel': raise ValueError(
+        "remix gives the label of a mix to the rarer class, for class-index targets; partner='kernel' draws partners by the distance between "
+        "dense float targets (regression): they do not go together")
+    if class_counts is not None and partner != 'balanced' and remix is None: raise ValueError(
+        f"class_counts are read by partner='balanced' and by remix=(kappa, tau); with partner={partner!r} and no remix they do nothing: leave them out")
+    return partner, sigma, class_counts, remix
+
+def _silverman(t:Tensor, n:int) -> Tensor:
+    "Silverman's rule of thumb for rows `t` (n, k): 1.06 * s * n**(-1/5), `s` the root mean of the columns' variances (a tensor: no sync)"
+    return 1.06 * t.var(0, correction=1 if len(t) > 1 else 0).mean().sqrt() * n ** -.2
+
+def kernel_sigma(
+    y, # Dense float targets, one row per sample: a tensor, an array, a pandas Series or DataFrame (e.g. the training set's)
+    n:int|None=None, # Number of candidates a partner is drawn from, i.e. the batch size; None: `len(y)`
+) -> float:
+    "A bandwidth for partner='kernel' from the targets' spread: Silverman's rule, 1.06 * std * n**(-1/5), what sigma='auto' computes on each batch"
+    t = torch.as_tensor(np.asarray(y, dtype=np.float64))
+    t = t.reshape(len(t), -1)
+    if len(t) < 2: raise ValueError(f"kernel_sigma needs the targets of two samples or more, got {len(t)}")
+    return float(_silverman(t, n or len(t)))
+
+def partner_logits(
+    y:Tensor, # The targets the policy reads: dense float (n, ...) for 'kernel', class indices (n,) for the others
+    partner:str, # 'kernel', 'balanced', 'same_class' or 'other_class'
+    sigma:float|str='auto', # Bandwidth of 'kernel'
+    class_counts:Tensor|None=None, # float32 count of each class, on `y`'s device, for 'balanced'
+) -> Tensor: # float32 (n, n): log of the weight of sample j as the partner of sample i; -inf where j cannot be, always on the diagonal
+    "Each sample's log-weights over its partners: P(j | i) is the softmax of row i"
+    n = len(y)
+    if partner == 'kernel':
+        t = y.reshape(n, -1).float()
+        d2 = torch.cdist(t[None], t[None], compute_mode='donot_use_mm_for_euclid_dist')[0].square() # exact: 0 between equal targets
+        s = _silverman(t, n) if sigma == 'auto' else torch.tensor(float(sigma))
+        logits = -d2 / (2 * s.square()).clamp(min=torch.finfo(torch.float32).tiny) # equal targets only (s = 0): all 0, uniform
+    elif partner == 'balanced': logits = (-class_counts.log())[y].expand(n, n).clone() # partner j weighs 1/count of its class
+    else:
+        same = y[:, None] == y[None]
+        logits = torch.zeros(n, n, device=y.device).masked_fill(~same if partner == 'same_class' else same, -math.inf)
+    return logits.fill_diagonal_(-math.inf)
+
+def draw_partners(
+    n:int, # Batch size
+    y:Tensor|None=None, # The targets the policy reads (see `partner_logits`); not read by 'random'
+    partner:str='random', # One of `partners`
+    sigma:float|str='auto', # Bandwidth of 'kernel'
+    class_counts:Tensor|None=None, # float32 count of each class, on the batch's device, for 'balanced'
+    device=None, # Device of the batch
+    generator:torch.Generator|None=None, # Generator on `device`
+) -> Tensor: # int64 (n,): the partner of each sample; with a policy, a sample with no possible partner is its own (only then)
+    "Draw each sample's partner: a random permutation, or by `partner`'s weights, all rows at once on the device (no sync, no loop)"
+    if partner == 'random': return torch.randperm(n, device=device, generator=generator)
+    logits = partner_logits(y, partner, sigma, class_counts)
+    e = torch.empty_like(logits).exponential_(generator=generator) # argmax(logit - log e) is a draw from softmax(logits): what torch.multinomial
+    score = torch.where(logits == -math.inf, -math.inf, logits - e.log()) # does for one draw, without its checks, which wait for the GPU
+    own = torch.arange(n, device=logits.device)
+    return torch.where(logits.amax(1) == -math.inf, own, score.argmax(1))
+
+def remix_shares(
+    lam:float|Tensor, # Share of each sample in the mixed inputs: one float, or one per sample
+    y:Tensor, # Class indices (n,)
+    perm:Tensor, # Partner of each sample
+    class_counts:Tensor, # float32 count of each class in the training data, on `y`'s device
+    kappa:float=3.0, # Counts that differ by this factor or more make one class the minority
+    tau:float=0.5, # A sample of the majority class whose share is below `tau` loses its label to its partner
+) -> Tensor: # float32 (n,): the share of each sample's own label
+    "Remix's label shares (Chou et al. 2020): the whole label to the minority class where the counts differ by `kappa` and the majority's share is below `tau`"
+    n_i, n_j = class_counts[y], class_counts[y[perm]]
+    lam = lam.float() if isinstance(lam, Tensor) else torch.full((len(y),), float(lam), device=y.device)
+    return torch.where((n_i >= kappa * n_j) & (lam < tau), 0., torch.where((kappa * n_i <= n_j) & (1 - lam < tau), 1., lam))
+
+def _policy_target(y, n:int, partner:str, remix, caller:str) -> Tensor|None:
+    "The target the partner policy and Remix read, the first of `y`, checked to fit them; None when neither is on"
+    if partner == 'random' and remix is None: return None
+    what = f"partner={partner!r}" if partner != 'random' else f"remix"
+    if y is None: raise ValueError(f"{caller}: {what} reads the targets: pass them as y=")
+    t = _as_list(y, 'y')[0][0]
+    if len(t) != n: raise ValueError(f"{caller}: the first target has batch size {len(t)} but the inputs have {n}")
+    if partner == 'kernel':
+        if not t.is_floating_point(): raise ValueError(
+            f"{caller}: partner='kernel' draws partners by the distance between dense float targets (regression), but the first target is "
+            f"a {t.dtype} tensor of shape {tuple(t.shape)} (class indices): for classes use partner='balanced', 'same_class' or 'other_class'")
+        return _plain(t)
+    if t.is_floating_point() or t.dtype == torch.bool or not (t.ndim == 1 or t.ndim == 2 and t.shape[1] == 1): raise ValueError(
+        f"{caller}: {what} pairs by class, so the first target must hold class indices (an integer tensor (N,) or (N, 1)), but it is a "
+        f"{t.dtype} tensor of shape {tuple(t.shape)}" + (": for regression targets use partner='kernel'" if t.is_floating_point() else ""))
+    return _plain(t).reshape(n) # a plain tensor: partners drawn from fastai's `TensorCategory` would stay one
+
+def _class_table(class_counts, y:Tensor, what:str, caller:str) -> Tensor:
+    "float32 counts on `y`'s device, zeros raised to the smallest count above 0; a class index outside them raises (on a GPU, at its next sync)"
+    if class_counts is None: raise ValueError(f"{caller}: {what} weighs by the training data's class counts: give class_counts=[...] (one count per class index)")
+    c = (class_counts if isinstance(class_counts, Tensor) else torch.tensor(class_counts)).to(y.device, torch.float32)
+    c = torch.where(c > 0, c, c.masked_fill(c <= 0, math.inf).amin())
+    ok = (y >= 0) & (y < len(c))
+    if y.is_cuda: torch._assert_async(ok.all(), f"class indices must be in [0, {len(c)}), the classes of class_counts")
+    elif not ok.all(): raise ValueError(f"{caller}: class_counts has {len(c)} classes, but the targets hold the class indices {sorted(set(y[~ok].tolist()))[:5]}")
+    return c
+
+def _partners(n:int, yp, partner:str, sigma, class_counts, remix, device, generator, caller:str) -> tuple:
+    "(perm, the class counts as a tensor when a policy or Remix reads them): today's permutation for 'random'"
+    counts = None
+    if partner == 'balanced' or remix is not None: counts = _class_table(class_counts, yp, f"partner={partner!r}" if partner == 'balanced' else "remix", caller)
+    return draw_partners(n, yp, partner, sigma, counts, device, generator), counts
+
+def _alone(perm:Tensor) -> Tensor: return perm == torch.arange(len(perm), device=perm.device)
+
+def _remixed(res:tuple, yp, perm:Tensor, counts, remix) -> tuple:
+    "The core's result with Remix's label shares in place of the inputs' shares"
+    if remix is None: return res
+    mixed, perm, lam = res
+    return mixed, perm, remix_shares(lam, yp, perm, counts, *remix)
+
 # %% ../nbs/00_core.ipynb #56e0b0d3
 def mixup_lam(
     n:int, # Batch size
@@ -349,18 +503,25 @@ def mixup(
     p:float=1.0, # Probability that a sample is mixed at all; the others keep a share of 1
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: dense float ones are blended, class indices kept
     label_mode:str='blend', # Dense float targets: 'blend' by the shares, or 'union' (multi-label 0/1: the element-wise max of the two)
+    partner:str='random', # Who mixes with whom: 'random', 'kernel', 'balanced', 'same_class' or 'other_class' (see Partners)
+    sigma:float|str='auto', # Bandwidth of partner='kernel', in target units; 'auto': Silverman's rule on the batch's targets
+    class_counts=None, # Count of each class index, for partner='balanced' and `remix`
+    remix:tuple|None=None, # (kappa, tau): Remix's label rule for class indices; None: off
 ) -> tuple: # (mixed, perm, lam): lam holds one share per sample, float32; mixed is (inputs, targets) when `y` is given
     "MixUp: blend each sample with a random partner of the batch, one share >= 0.5 per sample"
     alpha, p = check_alpha(alpha), check_share(p, 'p')
+    partner, sigma, class_counts, remix = check_partner(partner, sigma, class_counts, remix)
     xs, single, ref = _inputs(x, generator, 'mixup')
     label_mode = _check_label_mode(label_mode, y, ref, 'MixUp')
+    yp = _policy_target(y, len(ref), partner, remix, 'MixUp')
     if p == 0: return _unmixed(x, y, ref, per_sample=True)
     lam = mixup_lam(len(ref), alpha, ref.device, generator)
-    perm = torch.randperm(len(ref), device=ref.device, generator=generator)
+    perm, counts = _partners(len(ref), yp, partner, sigma, class_counts, remix, ref.device, generator, 'MixUp')
     if p < 1: lam = torch.where(torch.rand(len(ref), device=ref.device, generator=generator) < p, lam, 1.)
+    if partner != 'random': lam = torch.where(_alone(perm), 1., lam) # no partner: a share of 1
     lam = round_share(lam, xs)
-    mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam, exact=p < 1), single) # p < 1: the samples left alone exactly
-    return _result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp', label_mode)
+    mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam, exact=p < 1 or partner != 'random'), single) # the samples left alone exactly
+    return _remixed(_result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp', label_mode), yp, perm, counts, remix)
 
 # %% ../nbs/00_core.ipynb #50a5adab
 def _spatial_size(xs:list[Tensor], caller:str) -> tuple[int, ...]:
@@ -519,17 +680,19 @@ def resize_into_boxes(
         out = F.grid_sample(src, grid, mode=interpolation, padding_mode='border', align_corners=False).view(x.shape).to(x.dtype)
     return torch.where(_expand(boxes_mask(lo, hi, size), x, k), out, x, out=torch.empty_like(x))
 
-def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller, label_mode='blend'):
-    "CutMix (`lam_range` None) or ResizeMix with one share and one box per sample"
-    n = len(ref)
+def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller, pk=('random', 'auto', None, None), label_mode='blend'):
+    "CutMix (`lam_range` None) or ResizeMix with one share and one box per sample; `pk`: the checked partner options"
+    n, (partner, sigma, class_counts, remix) = len(ref), pk
+    yp = _policy_target(y, n, partner, remix, caller)
     if p == 0: return _unmixed(xs[0] if single else tuple(xs), y, ref, per_sample=True)
     lo, hi = draw_boxes(n, size, alpha, lam_range, minmax, p, ref.device, generator)
-    perm = torch.randperm(n, device=ref.device, generator=generator)
+    perm, counts = _partners(n, yp, partner, sigma, class_counts, remix, ref.device, generator, caller)
+    if partner != 'random': hi = [torch.where(_alone(perm), a, b) for a, b in zip(lo, hi)] # no partner: an empty box
     if lam_range is None:
         mask = boxes_mask(lo, hi, size)
         paste = lambda o: paste_boxes(o, perm, mask)
     else: paste = lambda o: resize_into_boxes(o, perm, lo, hi, interpolation)
-    return _result(_map_floats(xs, paste, single), y, n, size, perm, boxes_share(lo, hi, size), paste, caller, label_mode)
+    return _remixed(_result(_map_floats(xs, paste, single), y, n, size, perm, boxes_share(lo, hi, size), paste, caller, label_mode), yp, perm, counts, remix)
 
 # %% ../nbs/00_core.ipynb #67fda0a7
 def cutmix(
@@ -542,21 +705,27 @@ def cutmix(
     minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same box, dense float targets are blended
     label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
+    partner:str='random', # Who mixes with whom: 'random', 'kernel', 'balanced', 'same_class' or 'other_class' (see Partners)
+    sigma:float|str='auto', # Bandwidth of partner='kernel', in target units; 'auto': Silverman's rule on the batch's targets
+    class_counts=None, # Count of each class index, for partner='balanced' and `remix`
+    remix:tuple|None=None, # (kappa, tau): Remix's label rule for class indices; None: off
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "CutMix: paste a box of a random partner into each sample, one box per batch (or per sample)"
     alpha, p, minmax = check_alpha(alpha), check_share(p, 'p'), check_minmax(minmax)
     inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
+    pk = partner, sigma, class_counts, remix = check_partner(partner, sigma, class_counts, remix)
     xs, single, ref = _inputs(x, generator, 'cutmix')
     label_mode = _check_label_mode(label_mode, y, ref, 'CutMix')
     size = _spatial_size(xs, 'CutMix')
-    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix', label_mode)
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix', pk, label_mode)
+    yp = _policy_target(y, len(ref), partner, remix, 'CutMix')
     hg = _host_generator(generator, ref)
     if _skip_batch(p, hg): return _unmixed(x, y, ref)
     lam = None if minmax else beta_sample(alpha, 1, generator=hg).item()
-    perm = torch.randperm(len(ref), device=ref.device, generator=generator)
+    perm, counts = _partners(len(ref), yp, partner, sigma, class_counts, remix, ref.device, generator, 'CutMix')
     box = minmax_box(size, minmax, hg) if minmax else cutmix_box(size, lam, hg)
-    paste = lambda o: paste_box(o, perm, box, inplace)
-    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'CutMix', label_mode)
+    paste = lambda o: paste_box(o, perm, box, inplace) # a sample that is its own partner gets its own box back: left alone
+    return _remixed(_result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'CutMix', label_mode), yp, perm, counts, remix)
 
 # %% ../nbs/00_core.ipynb #f834d49a
 _interpolations = ('bilinear', 'nearest', 'nearest-exact', 'area', 'bicubic')
@@ -601,8 +770,9 @@ def paste_resized(
     box:Sequence[slice], # One slice per spatial dim
     interpolation:str='bilinear', # Resize mode, see above
     inplace:bool=False, # Paste into `x` itself instead of a copy
+    alone:Tensor|None=None, # True for the samples to leave as they are (a partner policy found them no partner)
 ) -> Tensor:
-    "Resize each sample's partner `x[perm]` into `box` and paste it there"
+    "Resize each sample's partner `x[perm]` into `box` and paste it there; `perm` need not be a permutation"
     check_interpolation(interpolation, ndim=len(box))
     out = x if inplace else x.clone(memory_format=torch.preserve_format)
     sides = [s.stop - s.start for s in box]
@@ -612,9 +782,11 @@ def paste_resized(
     else: mode = _linear_modes[len(sides)] if interpolation == 'bilinear' else interpolation
     align = dict(align_corners=False) if mode in ('linear', 'bilinear', 'trilinear', 'bicubic') else {}
     src = x.view(len(x), -1, *x.shape[x.ndim - len(sides):]) if x.ndim == len(sides) + 1 else x
-    small = F.interpolate(src.float() if mask else src, size=sides, mode=mode, **align) # resize all, then permute the small result
-    inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device)) # write sample i's resize where it is the partner
-    out[(slice(None),) * (x.ndim - len(sides)) + tuple(box)].index_copy_(0, inv, small.to(x.dtype).view(len(x), *x.shape[1:x.ndim - len(sides)], *sides))
+    small = F.interpolate(src.float() if mask else src, size=sides, mode=mode, **align) # resize all, then gather the small results
+    idx = (slice(None),) * (x.ndim - len(sides)) + tuple(box)
+    small = small.to(x.dtype).view(len(x), *x.shape[1:x.ndim - len(sides)], *sides).index_select(0, perm) # any partners, not only a permutation
+    if alone is not None: small = torch.where(alone.view(-1, *[1] * (small.ndim - 1)), out[idx], small)
+    out[idx] = small
     return out
 
 # %% ../nbs/00_core.ipynb #f9d8be33
@@ -631,23 +803,30 @@ def resizemix(
     minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same resized paste (nearest, at the same pixel centres), dense float targets are blended
     label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
+    partner:str='random', # Who mixes with whom: 'random', 'kernel', 'balanced', 'same_class' or 'other_class' (see Partners)
+    sigma:float|str='auto', # Bandwidth of partner='kernel', in target units; 'auto': Silverman's rule on the batch's targets
+    class_counts=None, # Count of each class index, for partner='balanced' and `remix`
+    remix:tuple|None=None, # (kappa, tau): Remix's label rule for class indices; None: off
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch (or per sample)"
     alpha, (lam_min, lam_max) = check_alpha(alpha), check_lam_range(lam_min, lam_max)
     p, minmax = check_share(p, 'p'), check_minmax(minmax)
     inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
+    pk = partner, sigma, class_counts, remix = check_partner(partner, sigma, class_counts, remix)
     xs, single, ref = _inputs(x, generator, 'resizemix')
     label_mode = _check_label_mode(label_mode, y, ref, 'ResizeMix')
     size = _spatial_size(xs, 'ResizeMix')
     check_interpolation(interpolation, per_sample, len(size)) # 'bicubic' needs images: refused before anything is drawn
-    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix', label_mode)
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix', pk, label_mode)
+    yp = _policy_target(y, len(ref), partner, remix, 'ResizeMix')
     hg = _host_generator(generator, ref)
     if _skip_batch(p, hg): return _unmixed(x, y, ref)
     lam = None if minmax else lam_min + (lam_max - lam_min) * beta_sample(alpha, 1, generator=hg).item()
-    perm = torch.randperm(len(ref), device=ref.device, generator=generator)
+    perm, counts = _partners(len(ref), yp, partner, sigma, class_counts, remix, ref.device, generator, 'ResizeMix')
     box = minmax_box(size, minmax, hg) if minmax else resize_box(size, lam, hg)
-    paste = lambda o: paste_resized(o, perm, box, interpolation, inplace)
-    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix', label_mode)
+    alone = _alone(perm) if partner != 'random' else None # its own resize pasted would change it: left as it is
+    paste = lambda o: paste_resized(o, perm, box, interpolation, inplace, alone)
+    return _remixed(_result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix', label_mode), yp, perm, counts, remix)
 
 # %% ../nbs/00_core.ipynb #e4f0c002
 def _pack_generators(kw:dict) -> dict:
@@ -677,6 +856,10 @@ class MixCollate:
         except (TypeError, ValueError): sig = None # no signature to read: the first batch will tell
         try: sig and sig.bind_partial(None, **kwargs)
         except TypeError as e: raise TypeError(f"MixCollate passes {sorted(kwargs)} to {getattr(mix, '__name__', mix)!r}, which refuses them: {e}") from None
+        pol = {k: v for k, v in kwargs.items() if k in ('partner', 'remix') and v not in ('random', None)}
+        if num_classes is not None and pol and kwargs.get('partner') != 'kernel': raise ValueError(
+            f"MixCollate(num_classes={num_classes}) turns class indices into one-hot float targets before the mix, but {pol} reads class indices: "
+            "leave num_classes out (class-index batches then come as (x, y, y[perm], lam) for `mix_loss`)")
         self.mix, self.num_classes, self.collate_fn, self.kwargs = mix, num_classes, collate_fn or default_collate, kwargs
 
     def _soft(self, y:Tensor, ref:Tensor) -> Tensor:

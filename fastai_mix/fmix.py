@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from .core import *
-from .core import _inputs, _map_floats, _result, _unmixed, _host_generator, _skip_batch, _expand, _check_label_mode
+from .core import _inputs, _map_floats, _result, _unmixed, _host_generator, _skip_batch, _expand, _check_label_mode, _policy_target, _partners, _alone, _remixed
 from .callback import *
 
 # %% auto #0
@@ -117,13 +117,19 @@ def fmix(
     per_sample:bool=False, # One share and one mask per sample instead of one per batch
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same region, dense float targets are blended
     label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
+    partner:str='random', # Who mixes with whom: 'random', 'kernel', 'balanced', 'same_class' or 'other_class' (see the core's Partners)
+    sigma:float|str='auto', # Bandwidth of partner='kernel', in target units; 'auto': Silverman's rule on the batch's targets
+    class_counts=None, # Count of each class index, for partner='balanced' and `remix`
+    remix:tuple|None=None, # (kappa, tau): Remix's label rule for class indices; None: off
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a float32 tensor with `per_sample`)
     "FMix: paste a region of a random partner, shaped by thresholded low-frequency Fourier noise, one mask per batch (or per sample)"
     alpha, decay_power, max_soft = check_alpha(alpha), check_decay_power(decay_power), check_max_soft(max_soft)
     p, per_sample = check_share(p, 'p'), check_flag(per_sample, 'per_sample')
+    partner, sigma, class_counts, remix = check_partner(partner, sigma, class_counts, remix)
     xs, single, ref = _inputs(x, generator, 'fmix')
     label_mode = _check_label_mode(label_mode, y, ref, 'FMix')
     size, n, dev = _fmix_size(xs), len(ref), ref.device
+    yp = _policy_target(y, n, partner, remix, 'FMix')
     P = math.prod(size)
     if per_sample:
         if p == 0 or n == 0: return _unmixed(x, y, ref, per_sample=True)
@@ -135,14 +141,17 @@ def fmix(
         if _skip_batch(p, hg): return _unmixed(x, y, ref)
         num = num_b = round(beta_sample(alpha, 1, generator=hg).item() * P) # a host draw: no device sync
         lam = num / P
-    perm = torch.randperm(n, device=dev, generator=generator)
+    perm, counts = _partners(n, yp, partner, sigma, class_counts, remix, dev, generator, 'FMix')
+    if per_sample and partner != 'random': # no partner: the original keeps every position, a share of 1
+        num = torch.where(_alone(perm), P, num)
+        lam, num_b = num.float() / P, num.view(n, *[1] * len(size))
     ranks = rank_positions(fourier_noise(n if per_sample else 1, size, decay_power, dev, generator))
     hard, soft = ranks < num_b, {} # the original's positions; the soft masks, one per input dtype
     def paste(o):
         if max_soft == 0 or not o.is_floating_point(): return paste_mask(o, perm, hard)
         if o.dtype not in soft: soft[o.dtype] = soft_mask(ranks, num, max_soft, o.dtype)
         return paste_mask(o, perm, soft[o.dtype])
-    return _result(_map_floats(xs, paste, single), y, n, size, perm, lam, paste, 'FMix', label_mode)
+    return _remixed(_result(_map_floats(xs, paste, single), y, n, size, perm, lam, paste, 'FMix', label_mode), yp, perm, counts, remix)
 
 # %% ../nbs/05_fmix.ipynb #f5a00022
 class FMix(MixHandler):
@@ -155,11 +164,11 @@ class FMix(MixHandler):
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
         per_sample:bool=False, # One share and one mask per sample instead of one per batch
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         self.decay_power, self.max_soft = check_decay_power(decay_power), check_max_soft(max_soft)
         self.per_sample = check_flag(per_sample, 'per_sample')
     __repr__ = basic_repr('alpha,decay_power,max_soft,p,per_sample,stop_pct')
     def mix(self, xb, yb, inplace=None): # never in place: the region may hold any position, so the partners are gathered into a new tensor anyway
-        return fmix(xb, self.current('alpha'), self.decay_power, self.max_soft, p=self.current('p'), per_sample=self.per_sample, y=yb, label_mode=self._label_mode())
+        return fmix(xb, self.current('alpha'), self.decay_power, self.max_soft, p=self.current('p'), per_sample=self.per_sample, y=yb, label_mode=self._label_mode(), **self.partner_kw(xb))

@@ -18,7 +18,7 @@ from fastai.vision.models.unet import DynamicUnet
 from fastcore.meta import delegates
 import matplotlib.pyplot as plt
 from .core import *
-from .core import _mix_targets
+from .core import _mix_targets, _policy_target, _partners, _alone, remix_shares
 from .callback import MixHandler
 import fastai_mix.show # `show_batch` on the mixers
 
@@ -250,7 +250,7 @@ class ManifoldMixup(MixHandler):
         use_input_mixup:bool=True, # The inputs are one of the places (for a `TabularModel`: its joined embeddings and continuous columns)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         self.module_list, self.use_input_mixup = check_module_list(module_list), check_flag(use_input_mixup, 'use_input_mixup')
@@ -303,14 +303,19 @@ class ManifoldMixup(MixHandler):
         places = self.places(learn.model, xb) if live else self._outside(learn, xb)
         k = int(torch.randint(len(places), ())) if len(places) > 1 else 0 # a host draw, as all the draws below: no sync
         n, dev, floats = len(ref), ref.device, [o for o in xb if o.is_floating_point()]
-        lam, perm = mixup_lam(n, self.current('alpha'), dev), torch.randperm(n, device=dev)
+        kw, name = self.partner_kw(xb), type(self).__name__
+        yp = _policy_target(yb, n, self.partner, self.remix, name)
+        lam = mixup_lam(n, self.current('alpha'), dev)
+        perm, counts = _partners(n, yp, self.partner, self.sigma, kw.get('class_counts'), self.remix, dev, None, name)
         p = self.current('p')
         if p < 1: lam = torch.where(torch.rand(n, device=dev) < p, lam, 1.)
+        if self.partner != 'random': lam = torch.where(_alone(perm), 1., lam) # no partner: a share of 1
+        label = (lambda lam: lam) if self.remix is None else (lambda lam: remix_shares(lam, yp, perm, counts, *self.remix)) # the loss's share
         place = places[k]
         if place.kind == 'batch': # the inputs: as MixUp
             lam = round_share(lam, floats)
             xm = tuple(lerp_mix(o, perm, lam) for o in xb)
-            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, type(self).__name__, self._label_mode())), perm, lam
+            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, name, self._label_mode())), perm, label(lam)
         dt = _autocast_dtype(dev) # `to_fp16`/`to_bf16`: the activations are in that dtype, the shares are rounded through it
         lam = round_share(lam, floats + ([torch.empty(0, dtype=dt)] if dt in _half else []))
         mix_y = union_mix if self._label_mode() == 'union' else lerp_mix # dense targets blended (or their union), class indices kept
@@ -322,7 +327,7 @@ class ManifoldMixup(MixHandler):
                         mod.register_forward_hook(_Hook(self, pend, 'output')) if place.kind == 'output'
                         else mod.register_forward_pre_hook(_Hook(self, pend, 'input')),
                         model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
-        return (xb, ym), perm, lam
+        return (xb, ym), perm, label(lam)
 
     def _blend(self, pend:_Pending, t) -> Tensor:
         "The activation `t` at the picked place, each sample blended with its partner's"
@@ -346,7 +351,8 @@ class ManifoldMixup(MixHandler):
         "Show the batch as the input pick mixes it (the hidden picks blend activations: they have no pixels to show)"
         res = MixHandler.show_batch(self, dls, show=show, **kwargs)
         fig = plt.gcf() if res is None else res
-        fig.suptitle(f"{type(self).__name__}: the input pick; the other picks blend hidden activations, which have no pixels to show", fontsize='small')
+        above = fig._suptitle.get_text() + '\n' if fig._suptitle is not None else '' # what `MixHandler.show_batch` says of the partners
+        fig.suptitle(f"{above}{type(self).__name__}: the input pick; the other picks blend hidden activations, which have no pixels to show", fontsize='small')
         fig.tight_layout()
         return res
 
@@ -360,7 +366,7 @@ class OutputMixup(ManifoldMixup):
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # Keyword-only options of `MixHandler`
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts`, `remix`
     ): super().__init__(alpha, None, False, p, stop_pct, **kwargs)
     _repr_args = ('alpha', 'p', 'stop_pct')
 

@@ -161,14 +161,18 @@ def show_batch(self:MixHandler,
     with untouched(dl, seed):
         b = dl.one_batch() if b is None else to_device(b, dl.device)
         xb, yb = tuple(b[:dl.n_inp]), tuple(b[dl.n_inp:])
-        (xm, ym), perm, lam = self.mix(xb, yb, inplace=False)
+        self._show_dl = dl # where a partner policy's class counts come from for a mixer not on a learner
+        try: (xm, ym), perm, lam = self.mix(xb, yb, inplace=False)
+        finally: self._show_dl = None
         xm, ym = (tuple(retain_type(m, o) for m, o in zip(ms, os)) for ms, os in ((xm, xb), (ym, yb))) # the types decoding dispatches on
         n, ref = min(max_n, len(xb[0])), next(o for o in xb if o.is_floating_point())
         masks = [is_mask(y, len(ref), ref.shape[2:]) for y in yb] # segmentation masks: shown mixed, over the input
         union = self._label_mode() == 'union' and any(y.is_floating_point() and not mk for y, mk in zip(yb, masks)) # titled with the union too
         own, other = (*xm, *(m if mk else y for y, m, mk in zip(yb, ym, masks))), (*xm, *(y[perm] for y in yb))
         pcts = (torch.as_tensor(lam, dtype=torch.float64).cpu().expand(len(perm)) * 100).round().int()
-        pcts[perm.cpu() == torch.arange(len(perm))] = 100 # a sample mixed with itself is all itself
+        alone = perm.cpu() == torch.arange(len(perm))
+        pcts[alone] = 100 # a sample mixed with itself is all itself
+        policy = getattr(self, 'partner', 'random') != 'random' or any(getattr(m, 'partner', 'random') != 'random' for m in getattr(self, 'mixers', ()))
         if isinstance(dl.dataset, Tabular): # fastai's tabular data: a batch decodes to one table, shown as a table (as `dls.show_batch()`)
             df = _table(*(dl.decode(tuple(o[:n] for o in b)) for b in (own, other)), pcts[:n])
             return display_df(df) if show else df
@@ -185,10 +189,13 @@ def show_batch(self:MixHandler,
         for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax, signal=s[0].ndim <= 2)
         ys, ys1 = ([t for t, mk in zip(o[dl.n_inp:], masks) if not mk] for o in (s, s1))
         pct = int(pcts[i])
-        if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct))
-        elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
-        if u is not None and ys and pct < 100: # label_mode='union': the labels the loss sees, over where they came from
-            us = [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]
-            ax.set_title(f"{'/'.join(map(label_str, us))}\n= {ax.get_title()}", fontsize='small')
+        if ys: title = mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct)
+        else: title = f"{pct}% + {100 - pct}%" if pct < 100 else ''
+        unite = u is not None and ys and pct < 100 # label_mode='union': the labels the loss sees, over where they came from
+        if unite: title = f"{'/'.join(map(label_str, [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]))}\n= {title}"
+        if policy and alone[i]: title += '\n(no partner: left alone)'
+        elif getattr(self, 'remix', None) is not None and pct in (0, 100) and not alone[i]: title += '\n(Remix: the whole label to one)'
+        if title: ax.set_title(title, **(dict(fontsize='small') if unite else {}))
+    if policy: fig.suptitle(f"partner={getattr(self, 'partner', 'random')!r}: {int(alone[:n].sum())} of {n} shown left alone (no possible partner)", fontsize='small')
     fig.tight_layout()
     return None if show else fig

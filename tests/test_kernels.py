@@ -116,6 +116,23 @@ if CHILD: # ---------------------------------------------------------------- und
         check_kernels(x, torch.randperm(len(x), generator=g), g)
 
     @pytest.mark.parametrize('layout', ['2d', 'cl2'])
+    def test_kernels_take_non_permutations(layout):
+        "Partners drawn by a policy (issue 23) are not a permutation: repeats, a fixed point, samples nobody takes; the kernels give the PyTorch path's bits"
+        shape, fmt = LAYOUTS[layout]
+        x, g = batch(shape, fmt, torch.float32), torch.Generator().manual_seed(3)
+        check_kernels(x, torch.tensor([0, 0, 3, 1, 1]), g)
+
+    def test_mixers_with_a_policy_through_the_kernels():
+        "mixup and cutmix with partner='same_class' go through the kernels, and match the PyTorch path"
+        x, y = batch((6, 3, 6, 7), None, torch.float32), torch.tensor([0, 0, 0, 1, 1, 2])
+        for f, kw in ((mixup, {}), (cutmix, {}), (cutmix, dict(per_sample=True))):
+            ref = f(x, y=y, partner='same_class', generator=torch.Generator().manual_seed(0), **kw)
+            with count_kernels() as c: got = f(x, y=y, partner='same_class', generator=torch.Generator().manual_seed(0), **kw)
+            assert sum(c.n.values()) >= 1, c.n
+            eq_(got[1], ref[1]); same(got[0][0], ref[0][0])
+            eq_(got[0][0][5], x[5]) # the lone sample of class 2: left alone
+
+    @pytest.mark.parametrize('layout', ['2d', 'cl2'])
     def test_boxes_at_the_edges(layout):
         "Whole, empty, border-touching and one-pixel boxes, and `slice(None)`"
         x, g = batch(*LAYOUTS[layout], torch.float32), torch.Generator().manual_seed(3)
