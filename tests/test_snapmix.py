@@ -333,3 +333,25 @@ def test_cuda_no_host_sync(model, per_sample):
     fit_without_sync(learn)
     learn.to_fp16()
     fit_without_sync(learn)
+
+def test_p_stop_pct_and_schedules():
+    "p, stop_pct and a mix_p schedule as for the other mixers; per sample, a sample left alone keeps its label only"
+    def losses(cbs):
+        with no_random(0): learn = Learner(coord_dls(n=16), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+        with no_random(1): learn.fit(1)
+        return learn.recorder.losses
+    eq_(losses([SnapMix(p=0)]), losses([]))
+    m = SnapMix(p=.5, per_sample=True)
+    rec = Rec(m)
+    learn = Learner(coord_dls(n=32, bs=16), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=[m, rec])
+    with no_random(0): learn.fit(1)
+    alone = torch.cat([((r['xm'] == r['x']).flatten(1).all(1)) for r in rec.records])
+    assert 0 < alone.sum() < len(alone)
+    eq_(torch.cat([r['lam'] for r in rec.records])[alone], torch.ones(int(alone.sum())))
+    eq_(torch.cat([r['lam1'] for r in rec.records])[alone], torch.zeros(int(alone.sum())))
+    from fastai.callback.schedule import ParamScheduler, SchedLin
+    for cbs, fit_cbs in (([SnapMix(stop_pct=.5)], None), ([SnapMix()], ParamScheduler({'mix_p': SchedLin(0., 0.)}))):
+        m = cbs[0]; rec = Rec(m)
+        learn = Learner(coord_dls(n=32), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=[m, rec])
+        learn.fit(2 if fit_cbs is None else 1, cbs=fit_cbs)
+        eq_([r['lam'] is not None for r in rec.records], [True] * 4 + [False] * 4 if fit_cbs is None else [False] * 4)
