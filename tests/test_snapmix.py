@@ -348,3 +348,13 @@ def test_p_and_schedules():
     learn = Learner(coord_dls(), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=[m, rec])
     learn.fit(1, cbs=ParamScheduler({'mix_p': SchedLin(0., 0.)}))
     eq_([r['lam'] for r in rec.records], [None] * 2)
+
+def test_snapmix_in_the_demo(tmp_path):
+    "`--mix snapmix` runs in the demo's paired experiment (the small CNN), with its picture titled with both weights"
+    from fastai_mix.demo import main
+    main(['demo', '--epochs', '1', '--n-train', '64', '--size', '16', '--bs', '32', '--jobs', '1', '--seeds', '1', '--noise', '0.25',
+          '--mix', 'snapmix', '--out', str(tmp_path)])
+    import json
+    res = json.loads((tmp_path/'results.json').read_text())
+    eq_([r['mixer'] for r in res['runs']], ['snapmix'])
+    assert 0 <= res['runs'][0]['accuracy'] <= 1 and (tmp_path/'batch_snapmix.png').stat().st_size > 1000
