@@ -13,8 +13,9 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
+from fastcore.meta import delegates
 from .core import *
-from .core import _unmixed, _as_list
+from .core import _unmixed, _as_list, _ce_params
 
 # %% auto #0
 __all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
@@ -151,7 +152,7 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'lam1', 'yb1', '_old_lf', '_lf_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'lam1', 'yb1', '_old_lf', '_lf_ok', '_dm_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
     _rank_seed = _rank_states = None # this rank's random streams under distributed training
     _per_call = _idle = False # given to one fit (not to the learner); idle for a fit that was given another mixer
     _attr_name = None # its attribute on the learner when not fastai's usual name: see `name`
@@ -161,8 +162,12 @@ class MixHandler(Callback):
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
         p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done (`learn.pct_train`): the rest is clean
+        *,
+        decoupled:float=0., # Weight eta of the decoupled mixup term added to the mixed cross-entropy (class indices only); 0: off
+        label_mode:str='blend', # Multi-label 0/1 float targets: 'blend' them by the shares, or take their 'union' (element-wise max)
     ):
         self.alpha, self.p, self.stop_pct = check_alpha(alpha), check_share(p, 'p'), check_share(stop_pct, 'stop_pct')
+        self.decoupled, self.label_mode = check_decoupled(decoupled), check_label_mode(label_mode)
         self._init_state()
 
     def _init_state(self): self.perm = self.lam = self.lam1 = self.yb1 = self._old_lf = None # `lam1`: the partners' own weight, set by `mix` (SnapMix); None: 1 - lam
@@ -204,6 +209,28 @@ class MixHandler(Callback):
         v = _scheduled(learn, name) if learn is not None else None
         return getattr(self, name) if v is None else (check_alpha if name == 'alpha' else check_share)(v, f'mix_{name}')
 
+    def _label_mode(self) -> str:
+        "The `label_mode` this mixer mixes with: its own, or that of the `MixChoice` that holds it"
+        return self._choice.label_mode if self._choice is not None else self.label_mode
+
+    def _check_options(self, yb:tuple, index:list):
+        "Refuse, before anything is drawn, `label_mode='union'` for class indices, and `decoupled` for targets or a loss it cannot score"
+        name = type(self).__name__
+        if self.label_mode == 'union' and any(index): raise ValueError(
+            f"{name}(label_mode='union') takes the union of multi-label 0/1 float targets, but target {index.index(True)} holds class indices "
+            f"({yb[index.index(True)].dtype}), whose loss is mixed by the shares: use label_mode='blend' (the default) for class indices")
+        if not self.decoupled: return
+        y = yb[0]
+        if not (len(yb) == 1 and index[0] and (y.ndim == 1 or y.ndim == 2 and y.shape[1] == 1)): raise ValueError(
+            f"{name}(decoupled={self.decoupled}) adds a term to the mixed loss of class indices, so it needs one target of class indices "
+            f"(N,) or (N, 1); got {len(yb)} target(s): " + ', '.join(f"{o.dtype} {tuple(o.shape)}" for o in yb) +
+            ". Float targets (one-hot, multi-label) are blended and leave the loss alone: use decoupled=0 for them")
+        lf = self.learn.loss_func
+        if lf is getattr(self, '_dm_ok', None): return
+        try: _ce_params(lf)
+        except TypeError as e: raise TypeError(f"{name}(decoupled={self.decoupled}): {e}") from None
+        self._dm_ok = lf
+
     def mix(self, xb:tuple, yb:tuple, inplace:bool|None=None) -> tuple: # ((mixed xb, mixed yb), perm, lam), as the core's functions with `y`
         "Mix the inputs `xb` and the targets `yb` to match (`inplace`: may write into `xb`/`yb`; None: the mixer's own setting); subclasses implement this"
         raise NotImplementedError(f"{type(self).__name__} must implement `mix(xb, yb, inplace=None)`, as MixUp, CutMix and ResizeMix do")
@@ -215,12 +242,13 @@ class MixHandler(Callback):
         check_targets(yb, type(self).__name__)
         if len(yb[0]) == 0: return # an empty batch goes through untouched
         ref = _ref(xb) # the input whose spatial size tells masks, and the batch's device
+        index = [_is_index(y, ref) for y in yb]
+        self._check_options(yb, index)
         self.lam1 = None
         with rank_draws(self, ref.device): res = self.mix(xb, yb) # under distributed training, each rank its own draws
         (xm, ym), perm, lam = _checked_mix(type(self).__name__, xb, yb, res, ref)
         if self.lam1 is not None and not (isinstance(lam, Tensor) and isinstance(self.lam1, Tensor) and self.lam1.shape == lam.shape): raise TypeError(
             f"{type(self).__name__}.mix set lam1, the partners' own weights, so it must return one share per sample and lam1 as a tensor of the same shape ({len(ref)},)")
-        index = [_is_index(y, ref) for y in yb]
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
         (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
@@ -242,7 +270,7 @@ class MixHandler(Callback):
         "The original loss against both targets, weighted by the shares; puts the original loss back first"
         loss_func = self._old_lf
         self._restore_loss()
-        try: return mix_loss(loss_func, pred, yb, self.yb1, self.lam, lam1=self.lam1)
+        try: return mix_loss(loss_func, pred, yb, self.yb1, self.lam, decoupled=self.decoupled, lam1=self.lam1)
         except BaseException: self._init_state(); raise # a failed loss call leaves no batch state behind
 
     def _restore_loss(self):
@@ -294,16 +322,19 @@ class MixHandler(Callback):
 # %% ../nbs/01_callback.ipynb #78091ed5
 class MixUp(MixHandler):
     "MixUp (Zhang et al. 2018, https://arxiv.org/abs/1710.09412): blend each sample with a random partner"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-    ): super().__init__(alpha, p, stop_pct)
-    def mix(self, xb, yb, inplace=None): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb)
+        **kwargs, # Keyword-only options of `MixHandler`
+    ): super().__init__(alpha, p, stop_pct, **kwargs)
+    def mix(self, xb, yb, inplace=None): return mixup(xb, self.current('alpha'), p=self.current('p'), y=yb, label_mode=self._label_mode())
 
 # %% ../nbs/01_callback.ipynb #9c017985
 class CutMix(MixHandler):
     "CutMix (Yun et al. 2019, https://arxiv.org/abs/1905.04899): paste a box of a random partner into each sample"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the box's share
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
@@ -311,17 +342,19 @@ class CutMix(MixHandler):
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see below)
+        **kwargs, # Keyword-only options of `MixHandler`
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
     def mix(self, xb, yb, inplace=None):
         return cutmix(xb, self.current('alpha'), inplace=self.inplace if inplace is None else inplace, p=self.current('p'),
-                      per_sample=self.per_sample, minmax=self.minmax, y=yb)
+                      per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode())
 
 
 # %% ../nbs/01_callback.ipynb #73e5ded0
 class ResizeMix(MixHandler):
     "ResizeMix (Qin et al. 2020, https://arxiv.org/abs/2012.11101): paste each sample's whole partner, resized into a box"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`), mapped into [`lam_min`, `lam_max`]
         lam_min:float=0.1, # Smallest share left to the original
@@ -332,14 +365,15 @@ class ResizeMix(MixHandler):
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
+        **kwargs, # Keyword-only options of `MixHandler`
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
         (self.lam_min, self.lam_max), self.minmax = check_lam_range(lam_min, lam_max), check_minmax(minmax)
         self.per_sample, self.inplace = check_flag(per_sample, 'per_sample'), check_flag(inplace, 'inplace')
         self.interpolation = check_interpolation(interpolation, self.per_sample)
     def mix(self, xb, yb, inplace=None):
         return resizemix(xb, self.current('alpha'), self.lam_min, self.lam_max, self.interpolation, inplace=self.inplace if inplace is None else inplace,
-                         p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb)
+                         p=self.current('p'), per_sample=self.per_sample, minmax=self.minmax, y=yb, label_mode=self._label_mode())
 
 
 # %% ../nbs/01_callback.ipynb #b1c0e002
@@ -354,14 +388,16 @@ def _select(sel:Tensor, a, b):
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
     _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
+    @delegates(MixHandler.__init__, but=['alpha'])
     def __init__(self,
         mixers:Sequence[MixHandler], # Mixer instances to pick from, e.g. `[MixUp(), CutMix()]`
         weights:Sequence[float]|None=None, # Relative chance of each mixer; equal when None
         per_sample:bool=False, # Pick per sample instead of per batch
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        **kwargs, # Keyword-only options of `MixHandler`: the choice's count for every pick
     ):
-        super().__init__(1.0, p, stop_pct)
+        super().__init__(1.0, p, stop_pct, **kwargs)
         self.mixers = list(mixers) if isinstance(mixers, Sequence) else [mixers]
         bad = [m for m in self.mixers if not isinstance(m, MixHandler) or isinstance(m, MixChoice)]
         if not self.mixers or bad: raise TypeError(f"mixers must be a non-empty list of mixer instances such as [MixUp(), CutMix()], got {mixers!r}")
@@ -372,6 +408,9 @@ class MixChoice(MixHandler):
         whole = [type(m).__name__ for m in self.mixers if not m.per_sample_choice]
         if self.per_sample and whole: raise ValueError(f"MixChoice(per_sample=True) mixes each sample with its own pick, but {', '.join(whole)} "
                                                        "mixes inside the model, for the whole batch: use per_sample=False (one pick per batch)")
+        own = [f"{type(m).__name__}({k}={getattr(m, k)!r})" for m in self.mixers for k, v in (('decoupled', 0.), ('label_mode', 'blend')) if getattr(m, k) != v]
+        if own: raise ValueError(f"MixChoice applies its own decoupled= and label_mode= to every pick, but {', '.join(own)} sets its own: give the "
+                                 "option to the MixChoice (MixChoice([...], decoupled=.1)) and leave the mixers it holds at their defaults")
         for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
 
     def before_batch(self):

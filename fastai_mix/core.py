@@ -12,15 +12,15 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import get_worker_info
 from fastai.layers import NoneReduce
-from fastai.losses import BaseLoss
+from fastai.losses import BaseLoss, LabelSmoothingCrossEntropy
 from fastai.torch_core import TensorMask
 
 # %% auto #0
-__all__ = ['as_real', 'check_alpha', 'check_share', 'check_flag', 'reduce_loss', 'loss_reduction', 'mix_loss', 'beta_sample',
-           'check_minmax', 'is_mask', 'mixup_lam', 'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share',
-           'cutmix_box', 'paste_box', 'minmax_box', 'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes',
-           'nearest_index', 'resize_into_boxes', 'cutmix', 'check_lam_range', 'check_interpolation', 'resize_box',
-           'paste_resized', 'resizemix', 'MixCollate']
+__all__ = ['as_real', 'check_alpha', 'check_share', 'check_flag', 'reduce_loss', 'loss_reduction', 'mix_loss', 'check_decoupled',
+           'decoupled_loss', 'beta_sample', 'check_minmax', 'is_mask', 'check_label_mode', 'union_mix', 'mixup_lam',
+           'round_share', 'gather', 'lerp_mix', 'mixup', 'box_share', 'cutmix_box', 'paste_box', 'minmax_box',
+           'draw_boxes', 'boxes_share', 'boxes_mask', 'paste_boxes', 'nearest_index', 'resize_into_boxes', 'cutmix',
+           'check_lam_range', 'check_interpolation', 'resize_box', 'paste_resized', 'resizemix', 'MixCollate']
 
 # %% ../nbs/00_core.ipynb #ef5718e9
 def as_real(value) -> float|None:
@@ -114,10 +114,17 @@ def mix_loss(
     yb:Sequence[Tensor], # Targets of the mixed batch
     yb1:Sequence[Tensor], # Targets of the partners: `y[perm]` for class indices, the mixed targets themselves for the others
     lam:float|Tensor, # Share of the original: one float, or one per sample
+    decoupled:float=0., # Weight eta of the decoupled mixup term (`decoupled_loss`, cross-entropy on class indices only); 0: off, the plain mixed loss
     lam1:float|Tensor|None=None, # Weight of the partners' targets; None: `1 - lam`. SnapMix gives its own (the two need not sum to 1)
 ) -> Tensor:
     "`loss_func` against both targets, weighted by the shares and normalised as `loss_func` normalises"
-    if lam1 is not None: return _weighted_loss(loss_func, pred, yb, yb1, lam, lam1)
+    if lam1 is not None:
+        if decoupled: raise ValueError(f"decoupled={decoupled}: the decoupled mixup term is defined for shares lam and 1 - lam, but lam1 gives the partners "
+                                       "their own weight (SnapMix's two weights need not sum to 1): use decoupled=0 with them")
+        return _weighted_loss(loss_func, pred, yb, yb1, lam, lam1)
+    if decoupled: # checked first: a loss or targets the decoupled term cannot score are refused before anything is computed
+        eta, d = check_decoupled(decoupled), decoupled_loss(loss_func, pred, yb, yb1, lam)
+        return mix_loss(loss_func, pred, yb, yb1, lam) + eta * d
     if not isinstance(lam, Tensor):
         loss = _plain(loss_func(pred, *yb))
         return loss if lam == 1 else torch.lerp(_plain(loss_func(pred, *yb1)), loss, lam)
@@ -137,6 +144,58 @@ def mix_loss(
     plain = _plain(loss_func(pred, *yb)) # reduced by the loss itself: with every share 1 this is the result, bit for bit (picked on the device: no sync)
     return torch.where((w == 1).all(), plain, res) if plain.shape == res.shape else res
 
+
+# %% ../nbs/00_core.ipynb #dca1d4cf
+def check_decoupled(value, name:str='decoupled') -> float:
+    "Return `value` as a float, or raise `ValueError` unless it is a finite number >= 0 (the weight eta of the decoupled mixup term)"
+    v = as_real(value)
+    if v is None or not math.isfinite(v) or v < 0: raise ValueError(
+        f"{name} must be a finite number >= 0, the weight eta of the decoupled mixup term (0: off; the paper's code uses 0.1), got {value!r}")
+    return v
+
+def _ce_params(loss_func) -> tuple:
+    "(class weights, ignore_index) of a cross-entropy loss on logits or an NLL loss on log-probabilities; `TypeError` for any other loss"
+    f = loss_func.func if isinstance(loss_func, BaseLoss) else loss_func # fastai's flattened losses wrap the PyTorch one
+    if isinstance(f, (nn.CrossEntropyLoss, nn.NLLLoss)): return f.weight, f.ignore_index
+    if f in (F.cross_entropy, F.nll_loss): return None, -100
+    if isinstance(f, partial) and f.func in (F.cross_entropy, F.nll_loss): return f.keywords.get('weight'), f.keywords.get('ignore_index', -100)
+    if isinstance(f, LabelSmoothingCrossEntropy): return f.weight, -100
+    raise TypeError(f"decoupled > 0 adds a term that scores each of the two mixed classes with a softmax of the logits that leaves the other "
+                    f"class out, so it needs a cross-entropy loss on logits (nn.CrossEntropyLoss, fastai's CrossEntropyLossFlat or "
+                    f"LabelSmoothingCrossEntropy(Flat), a partial of F.cross_entropy) or an NLL loss on log-probabilities; got {loss_func!r}. "
+                    "Use decoupled=0 with this loss.")
+
+def decoupled_loss(
+    loss_func, # The original loss: cross-entropy on logits, or NLL on log-probabilities (its weights, ignore_index and reduction are used)
+    pred:Tensor, # Logits (N, C) of the mixed batch
+    yb:Sequence[Tensor], # Targets of the mixed batch: one tensor of class indices, (N,) or (N, 1)
+    yb1:Sequence[Tensor], # Targets of the partners
+    lam:float|Tensor, # Share of the original: one float, or one per sample
+) -> Tensor:
+    "The decoupled mixup term: each of a sample's two classes scored with the other one left out of the softmax, weighted by its share"
+    weight, ignore = _ce_params(loss_func)
+    z, n = _plain(pred), len(pred)
+    ok = len(yb) == 1 and len(yb1) == 1 and isinstance(yb[0], Tensor) and isinstance(yb1[0], Tensor)
+    if not ok or z.ndim != 2 or yb[0].is_floating_point() or yb[0].numel() != n or yb1[0].shape != yb[0].shape: raise ValueError(
+        "decoupled > 0 scores one class index per sample against logits (N, C): it needs one target of class indices (N,) or (N, 1) and a "
+        f"prediction (N, C); got {len(yb)} target(s) " + ', '.join(f"{tuple(o.shape)} {o.dtype}" for o in yb if isinstance(o, Tensor)) +
+        f" and a prediction of shape {tuple(z.shape)}. Use decoupled=0 for these targets.")
+    y, y1 = _plain(yb[0]).reshape(n).long(), _plain(yb1[0]).reshape(n).long()
+    keep = (y != y1) & (y != ignore) & (y1 != ignore) # two classes to tell apart; a sample mixed with its own class has none to leave out
+    if isinstance(lam, Tensor): keep &= (lam > 0) & (lam < 1) # a sample left alone (or all its partner) is not mixed
+    elif not 0 < lam < 1: keep = torch.zeros_like(keep)
+    z = z.float()
+    def term(a, b): # -log p(a) in the softmax without b, times a's class weight; 0 where not kept
+        out = torch.zeros_like(z, dtype=torch.bool).scatter_(1, torch.where(keep, b, 0)[:, None], keep[:, None])
+        logp = F.log_softmax(z.masked_fill(out, float('-inf')), 1).gather(1, torch.where(keep, a, 0)[:, None]).squeeze(1)
+        tw = _target_weights((weight, ignore), a).to(z.device)
+        return torch.where(keep, -logp * tw, 0.), tw
+    (d, tw), (d1, tw1) = term(y, y1), term(y1, y)
+    reduction = loss_reduction(loss_func)
+    if reduction == 'mean' and not isinstance(lam, Tensor): return lam * (d.sum() / tw.sum()) + (1 - lam) * (d1.sum() / tw1.sum()) # each as its loss
+    w = lam.to(d.dtype) if isinstance(lam, Tensor) else lam
+    res = torch.lerp(d1, d, w)
+    return res.sum() / torch.lerp(tw1, tw, w).sum() if reduction == 'mean' else reduce_loss(res, reduction)
 
 # %% ../nbs/00_core.ipynb #83fbd668
 def _check_generator(generator, x:Tensor):
@@ -213,8 +272,38 @@ def is_mask(
     return (k > 0 and t.ndim - k in (1, 2) and len(t) == n and tuple(t.shape[t.ndim - k:]) == tuple(size)
             and (t.ndim >= 3 or not t.is_floating_point() or isinstance(t, TensorMask)))
 
-def _mix_targets(y, n:int, size, perm:Tensor, lam, paste, caller:str):
-    "Mix the targets `y` as the inputs were: masks by `paste` (None: they are blended), dense float targets by `lam`, class indices kept"
+_label_modes = ('blend', 'union')
+
+def check_label_mode(label_mode) -> str:
+    "Return `label_mode`, or raise `ValueError` unless it is 'blend' or 'union'"
+    if not isinstance(label_mode, str) or label_mode not in _label_modes: raise ValueError(
+        f"label_mode must be 'blend' (dense targets blended by the shares) or 'union' (multi-label 0/1 targets: the element-wise max of "
+        f"the two label vectors), got {label_mode!r}")
+    return label_mode
+
+def _check_label_mode(label_mode, y, ref:Tensor, caller:str) -> str:
+    "`check_label_mode`, and with 'union' a `ValueError` for class-index targets (whose loss is mixed by the shares), before anything is drawn"
+    label_mode = check_label_mode(label_mode)
+    if label_mode == 'union' and y is not None:
+        for i, t in enumerate(_as_list(y, 'y')[0]):
+            if not t.is_floating_point() and not is_mask(t, len(ref), ref.shape[2:]): raise ValueError(
+                f"{caller}: label_mode='union' takes the union of multi-label 0/1 targets, but target {i} holds class indices ({t.dtype}, shape "
+                f"{tuple(t.shape)}), whose loss is mixed by the shares: use label_mode='blend' (the default), or multi-hot float targets")
+    return label_mode
+
+def union_mix(
+    y:Tensor, # Dense targets, samples on the first dim: multi-label 0/1 vectors
+    perm:Tensor, # Partner of each sample
+    lam:float|Tensor, # Share of the original: one float, or one per sample
+) -> Tensor:
+    "The union of each sample's labels and its partner's, `max(y, y[perm])`; a sample of share 1 keeps its own, one of share 0 takes its partner's"
+    y1 = gather(y, perm)
+    if not isinstance(lam, Tensor): return y.clone(memory_format=torch.preserve_format) if lam == 1 else y1 if lam == 0 else torch.maximum(y, y1)
+    w = lam.view(-1, *[1] * (y.ndim - 1))
+    return torch.where(w == 1, y, torch.where(w == 0, y1, torch.maximum(y, y1)))
+
+def _mix_targets(y, n:int, size, perm:Tensor, lam, paste, caller:str, label_mode:str='blend'):
+    "Mix the targets `y` as the inputs were: masks by `paste` (None: they are blended), dense float targets by `lam` (or their union), class indices kept"
     ys, single = _as_list(y, 'y')
     def f(t):
         if len(t) != n: raise ValueError(f"{caller}: a target has batch size {len(t)} but the inputs have {n}; targets must have one row per sample")
@@ -222,13 +311,14 @@ def _mix_targets(y, n:int, size, perm:Tensor, lam, paste, caller:str):
             if paste is not None: return paste(t)
             if not t.is_floating_point(): raise ValueError(f"{caller} blends pixels, so it cannot mix a mask of class indices (shape {tuple(t.shape)}, "
                                                            f"{t.dtype}): use CutMix or ResizeMix for segmentation")
-        return lerp_mix(t, perm, lam) if t.is_floating_point() else t
+        if not t.is_floating_point(): return t
+        return union_mix(t, perm, lam) if label_mode == 'union' else lerp_mix(t, perm, lam)
     res = [f(t) for t in ys]
     return res[0] if single else tuple(res)
 
-def _result(mixed, y, n, size, perm, lam, paste, caller) -> tuple:
+def _result(mixed, y, n, size, perm, lam, paste, caller, label_mode:str='blend') -> tuple:
     "(mixed, perm, lam), with `mixed` the pair (inputs, targets) when targets `y` were given"
-    return ((mixed, _mix_targets(y, n, size, perm, lam, paste, caller)) if y is not None else mixed), perm, lam
+    return ((mixed, _mix_targets(y, n, size, perm, lam, paste, caller, label_mode)) if y is not None else mixed), perm, lam
 
 def _unmixed(x, y, ref:Tensor, per_sample:bool=False) -> tuple:
     "The result for a batch left alone: everything as given, each sample its own partner and all its own share (a float32 tensor of ones with `per_sample`)"
@@ -281,17 +371,19 @@ def mixup(
     generator:torch.Generator|None=None, # Generator on the batch's device
     p:float=1.0, # Probability that a sample is mixed at all; the others keep a share of 1
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: dense float ones are blended, class indices kept
+    label_mode:str='blend', # Dense float targets: 'blend' by the shares, or 'union' (multi-label 0/1: the element-wise max of the two)
 ) -> tuple: # (mixed, perm, lam): lam holds one share per sample, float32; mixed is (inputs, targets) when `y` is given
     "MixUp: blend each sample with a random partner of the batch, one share >= 0.5 per sample"
     alpha, p = check_alpha(alpha), check_share(p, 'p')
     xs, single, ref = _inputs(x, generator, 'mixup')
+    label_mode = _check_label_mode(label_mode, y, ref, 'MixUp')
     if p == 0: return _unmixed(x, y, ref, per_sample=True)
     lam = mixup_lam(len(ref), alpha, ref.device, generator)
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
     if p < 1: lam = torch.where(torch.rand(len(ref), device=ref.device, generator=generator) < p, lam, 1.)
     lam = round_share(lam, xs)
     mixed = _map_floats(xs, lambda o: lerp_mix(o, perm, lam, exact=p < 1), single) # p < 1: the samples left alone exactly
-    return _result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp')
+    return _result(mixed, y, len(ref), ref.shape[2:], perm, lam, None, 'MixUp', label_mode)
 
 # %% ../nbs/00_core.ipynb #50a5adab
 def _spatial_size(xs:list[Tensor], caller:str) -> tuple[int, ...]:
@@ -450,7 +542,7 @@ def resize_into_boxes(
         out = F.grid_sample(src, grid, mode=interpolation, padding_mode='border', align_corners=False).view(x.shape).to(x.dtype)
     return torch.where(_expand(boxes_mask(lo, hi, size), x, k), out, x, out=torch.empty_like(x))
 
-def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller):
+def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpolation, generator, caller, label_mode='blend'):
     "CutMix (`lam_range` None) or ResizeMix with one share and one box per sample"
     n = len(ref)
     if p == 0: return _unmixed(xs[0] if single else tuple(xs), y, ref, per_sample=True)
@@ -460,7 +552,7 @@ def _per_sample(xs, single, y, ref, size, alpha, p, minmax, lam_range, interpola
         mask = boxes_mask(lo, hi, size)
         paste = lambda o: paste_boxes(o, perm, mask)
     else: paste = lambda o: resize_into_boxes(o, perm, lo, hi, interpolation)
-    return _result(_map_floats(xs, paste, single), y, n, size, perm, boxes_share(lo, hi, size), paste, caller)
+    return _result(_map_floats(xs, paste, single), y, n, size, perm, boxes_share(lo, hi, size), paste, caller, label_mode)
 
 # %% ../nbs/00_core.ipynb #67fda0a7
 def cutmix(
@@ -472,20 +564,22 @@ def cutmix(
     per_sample:bool=False, # One share and one box per sample instead of one per batch
     minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same box, dense float targets are blended
+    label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "CutMix: paste a box of a random partner into each sample, one box per batch (or per sample)"
     alpha, p, minmax = check_alpha(alpha), check_share(p, 'p'), check_minmax(minmax)
     inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
     xs, single, ref = _inputs(x, generator, 'cutmix')
+    label_mode = _check_label_mode(label_mode, y, ref, 'CutMix')
     size = _spatial_size(xs, 'CutMix')
-    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix')
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, None, 'bilinear', generator, 'CutMix', label_mode)
     hg = _host_generator(generator, ref)
     if _skip_batch(p, hg): return _unmixed(x, y, ref)
     lam = None if minmax else beta_sample(alpha, 1, generator=hg).item()
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
     box = minmax_box(size, minmax, hg) if minmax else cutmix_box(size, lam, hg)
     paste = lambda o: paste_box(o, perm, box, inplace)
-    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'CutMix')
+    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'CutMix', label_mode)
 
 # %% ../nbs/00_core.ipynb #f834d49a
 _interpolations = ('bilinear', 'nearest', 'nearest-exact', 'area', 'bicubic')
@@ -559,22 +653,24 @@ def resizemix(
     per_sample:bool=False, # One share and one box per sample instead of one per batch
     minmax:tuple|None=None, # (lo, hi): draw each box side as a fraction of the side in [lo, hi] instead of from `alpha`
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same resized paste (nearest, at the same pixel centres), dense float targets are blended
+    label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a tensor with `per_sample`)
     "ResizeMix: paste each sample's whole partner, resized into a box, one box per batch (or per sample)"
     alpha, (lam_min, lam_max) = check_alpha(alpha), check_lam_range(lam_min, lam_max)
     p, minmax = check_share(p, 'p'), check_minmax(minmax)
     inplace, per_sample = check_flag(inplace, 'inplace'), check_flag(per_sample, 'per_sample')
     xs, single, ref = _inputs(x, generator, 'resizemix')
+    label_mode = _check_label_mode(label_mode, y, ref, 'ResizeMix')
     size = _spatial_size(xs, 'ResizeMix')
     check_interpolation(interpolation, per_sample, len(size)) # 'bicubic' needs images: refused before anything is drawn
-    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix')
+    if per_sample: return _per_sample(xs, single, y, ref, size, alpha, p, minmax, (lam_min, lam_max), interpolation, generator, 'ResizeMix', label_mode)
     hg = _host_generator(generator, ref)
     if _skip_batch(p, hg): return _unmixed(x, y, ref)
     lam = None if minmax else lam_min + (lam_max - lam_min) * beta_sample(alpha, 1, generator=hg).item()
     perm = torch.randperm(len(ref), device=ref.device, generator=generator)
     box = minmax_box(size, minmax, hg) if minmax else resize_box(size, lam, hg)
     paste = lambda o: paste_resized(o, perm, box, interpolation, inplace)
-    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix')
+    return _result(_map_floats(xs, paste, single), y, len(ref), size, perm, box_share(box, size), paste, 'ResizeMix', label_mode)
 
 # %% ../nbs/00_core.ipynb #e4f0c002
 def _pack_generators(kw:dict) -> dict:

@@ -22,6 +22,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 import fastai.callback.schedule # Learner.fit_one_cycle
 import fastai.callback.progress # fastai's progress bars, Learner.no_bar
+from .core import check_decoupled
 from .callback import MixUp, CutMix, ResizeMix
 from .fmix import FMix
 from .manifold import ManifoldMixup, tabular_comparison
@@ -36,8 +37,9 @@ __all__ = ['FASHION_MNIST', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEM
            'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets', 'image_dls',
            'fashion_datasets', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
            'array_memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_interval', 'paired_summary',
-           'results_table', 'table_notes', 'plot_accuracy', 'plot_curves', 'plot_calibration', 'save_results',
-           'torch_threads', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report', 'main']
+           'results_table', 'table_notes', 'decoupled_summary', 'plot_accuracy', 'plot_curves', 'plot_calibration',
+           'save_results', 'torch_threads', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report',
+           'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -276,14 +278,18 @@ MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=F
 DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold and snapmix on demand (--mix)
 
 def make_mixer(
-    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold' or 'snapmix'
+    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'; with '+dm' after a mixer's name, that mixer with the decoupled loss
     model:nn.Module|None=None, # The model, for 'manifold': the small CNN's conv layers are its places (resnet18's blocks are found by default)
+    decoupled:float=0., # Weight eta of the decoupled mixup loss, for a name ending in '+dm' (which needs eta > 0)
 ):
-    "A fresh mixing callback with its default parameters, or None for 'none'"
-    if name not in MIXERS: raise ValueError(f"mixer must be one of {tuple(MIXERS)}, got {name!r}")
-    if name == 'manifold' and model is not None and (convs := [m for m in model.children() if isinstance(m, ConvLayer)]):
-        return ManifoldMixup(module_list=convs)
-    return None if MIXERS[name] is None else MIXERS[name]()
+    "A fresh mixing callback with its default parameters (and `decoupled` for '<mixer>+dm'), or None for 'none'"
+    base, dm = name.removesuffix('+dm'), name.endswith('+dm')
+    if base not in MIXERS or (dm and base == 'none'): raise ValueError(f"mixer must be one of {tuple(MIXERS)}, or a mixer's name with '+dm', got {name!r}")
+    if dm and not decoupled > 0: raise ValueError(f"mixer {name!r} trains with the decoupled loss, which needs decoupled > 0, got {decoupled!r}")
+    kw = dict(decoupled=decoupled) if dm else {}
+    if base == 'manifold' and model is not None and (convs := [m for m in model.children() if isinstance(m, ConvLayer)]):
+        return ManifoldMixup(module_list=convs, **kw)
+    return None if MIXERS[base] is None else MIXERS[base](**kw)
 
 # %% ../nbs/02_demo.ipynb #8da26de8
 def save_batch(
@@ -337,13 +343,14 @@ def train_mixer(
     show:Path|None=None, # PNG file for a mixed training batch (`show_batch` seeded with `seed`), drawn before training
     noisy:bool=False, # Some training labels were changed (named in the files by `write_digits` or `stage_folder`, or kept by `fashion_datasets`): measure `memorisation`
     progress:bool=True, # Show fastai's progress bar over the epochs (not its table of epochs)
+    decoupled:float=0., # Weight eta of the decoupled mixup loss, for a `mixer` named '<mixer>+dm'
 ) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, ece, `memorisation`, sec_per_epoch, the per-epoch `history`, and the final `calibration` bins
     "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history"
     arrays = not isinstance(dsets, Datasets)
     set_seed(seed, reproducible=True)
     dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
     model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3)
-    cb, calib = make_mixer(mixer, model), ECE()
+    cb, calib = make_mixer(mixer, model, decoupled), ECE()
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, calib], cbs=cb)
     if show is not None and cb is not None: save_batch(cb, show, seed=seed) # changes nothing: training is the same with or without
     start = time.perf_counter()
@@ -453,6 +460,17 @@ def table_notes(
           f"negative when the mixer is better calibrated, judged by the same 95% rule (calibration).")
     return s
 
+def decoupled_summary(
+    runs:list[dict], # As `run_demo` gives them, with mixers named '<mixer>' and '<mixer>+dm'
+    level:float=0.95, # Confidence level of the interval of the paired difference
+) -> list[dict]: # One row per mixer trained both ways, as `paired_summary` gives it for '<mixer>+dm' against '<mixer>'
+    "The paired comparison of each mixer trained with the decoupled loss ('<mixer>+dm') against the same mixer without it, seed by seed"
+    out = []
+    for m in dict.fromkeys(r['mixer'] for r in runs):
+        if m.endswith('+dm') and any(r['mixer'] == m[:-3] for r in runs):
+            out += [r for r in paired_summary([r for r in runs if r['mixer'] in (m[:-3], m)], base=m[:-3], level=level) if r['mixer'] == m]
+    return out
+
 # %% ../nbs/02_demo.ipynb #241ec30a
 def _figure(figsize:tuple, ncols:int):
     "A matplotlib figure drawn with Agg, whatever the global backend, and its axes"
@@ -531,7 +549,9 @@ def save_results(
     summary = paired_summary(runs)
     sets = '\n'.join(f'- {k}: {v}' for k, v in settings.items())
     paths = dict(md=out/'results.md', json=out/'results.json', accuracy=out/'accuracy.png', curves=out/'curves.png')
-    paths['md'].write_text(f"# fastai-mix demo\n\n{results_table(summary)}\n\n{table_notes(settings)}\n\n## Settings\n\n{sets}\n")
+    dm = decoupled_summary(runs)
+    dm = f"## With the decoupled loss (eta={settings.get('decoupled')}) against the same mixer without it\n\n{results_table(dm, 'plain')}\n\n" if dm else ''
+    paths['md'].write_text(f"# fastai-mix demo\n\n{results_table(summary)}\n\n{table_notes(settings)}\n\n{dm}## Settings\n\n{sets}\n")
     paths['json'].write_text(json.dumps(dict(settings=settings, summary=summary, runs=runs), indent=2) + '\n')
     plot_accuracy(runs, paths['accuracy'])
     plot_curves(runs, paths['curves'])
@@ -605,9 +625,12 @@ def run_demo(
     jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs
     threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
     progress:bool=True, # Show fastai's progress bar during each run (only with `jobs=1`)
+    decoupled:float=0., # > 0: also train each mixer of `mix` (not 'none') with the decoupled mixup loss at this eta, as '<mixer>+dm', on the same seeds
 ) -> dict: # settings, summary (as `paired_summary` returns) and runs (as `train_mixer` returns): `results.json`
     "Train the same model once per mixer and seed on the digits (or `data`), print the paired comparison and save it to `out`"
     for m in mix: make_mixer(m) # check the names before any work
+    decoupled = check_decoupled(decoupled)
+    names = [n for m in mix for n in ((m, f'{m}+dm') if decoupled and m != 'none' else (m,))] # each mixer, then its decoupled twin
     make_model(arch, 2); noise = check_noise(noise)
     if n_train is not None and n_train < 1: raise ValueError(f"n_train must be a positive number of images, got {n_train!r}")
     if seeds < 1: raise ValueError(f"seeds must be a positive number of seeds, got {seeds!r}")
@@ -638,17 +661,17 @@ def run_demo(
         elif data is None: paths[s] = write_digits(images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         elif staged: paths[s] = stage_folder(data, images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         else: paths[s] = images
-    todo = [(m, s) for s in seed_list for m in mix] # the runs, in the order of the table
+    todo = [(m, s) for s in seed_list for m in names] # the runs, in the order of the table
     jobs = min(jobs or _usable_cpus(), len(todo))
     def run_kw(m, s): # `_train_run`'s arguments for mixer `m` and seed `s`
         return dict(source=paths[s] if fashion else str(paths[s]), size=size, mixer=m, seed=s, arch=arch, epochs=epochs, lr=lr, bs=bs, noisy=noise > 0,
-                    show=batches.get(m) if s == seed else None, progress=progress and jobs == 1)
+                    show=batches.get(m) if s == seed else None, progress=progress and jobs == 1, decoupled=decoupled)
     done = {}
     def finished(m, s, res):
         done[m, s] = res
         r = res[0]
         memo = '' if r['memorised'] is None else f", memorised {r['memorised']:.1%}"
-        print(f"{m:>9} seed {s}: accuracy {r['accuracy']:.1%}{memo}, ECE {r['ece']:.1%} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
+        print(f"{m:>12} seed {s}: accuracy {r['accuracy']:.1%}{memo}, ECE {r['ece']:.1%} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
     if jobs == 1:
         try:
             with torch_threads(threads):
@@ -663,13 +686,15 @@ def run_demo(
             for f in as_completed(futures): finished(*futures[f], f.result())
         finally: pool.shutdown(cancel_futures=True)
     runs = [done[t][0] for t in todo]
-    settings = dict(mix=list(mix), seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
+    settings = dict(mix=list(names), decoupled=decoupled, seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
                     n_train_images=done[todo[-1]][1], n_valid_images=done[todo[-1]][2], n_changed=runs[0]['n_changed'],
                     data=str(data) if data is not None else 'sklearn digits', images=str(images), device=str(default_device()),
                     torch=torch.__version__, threads=threads, jobs=jobs, wall_seconds=None)
     settings['wall_seconds'] = round(time.perf_counter() - start, 1) # what the table took, before writing it
     paths = [*save_results(runs, settings, out).values(), *batches.values()]
-    print(f"\n{results_table(paired_summary(runs))}\n\n{table_notes(settings)}\n\n"
+    dm = decoupled_summary(runs)
+    dm = f"with the decoupled loss (eta={decoupled}) against the same mixer without it, seed by seed:\n{results_table(dm, 'plain')}\n\n" if dm else ''
+    print(f"\n{results_table(paired_summary(runs))}\n\n{table_notes(settings)}\n\n{dm}"
           f"wrote {', '.join(p.name for p in paths)} to {out}\nwall time {settings['wall_seconds']:.0f} s on {settings['device']}")
     return dict(settings=settings, summary=paired_summary(runs), runs=runs)
 
@@ -693,6 +718,10 @@ def _positive_float(s:str) -> float:
     except ValueError: v = math.nan
     if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
     return v
+
+def _eta(s:str) -> float:
+    try: return check_decoupled(float(s))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}") from None
 
 def _n_train(s:str) -> int|None:
     if s == 'all': return None
@@ -737,6 +766,8 @@ def demo_parser() -> argparse.ArgumentParser:
         type=_natural, default=D['seed'], metavar='N')
     data_arg('--bs', 'batch size', type=_positive, metavar='N')
     data_arg('--size', 'side of the images fed to the model, in pixels', type=_positive, metavar='PX')
+    arg('--decoupled', 'also train each mixer with the decoupled mixup loss at this weight (as <mixer>+dm, on the same seeds) and '
+                       'print its paired comparison with the plain mixer; 0: off', type=_eta, default=D['decoupled'], metavar='ETA')
     arg('--arch', 'model: a small CNN, or resnet18 from random weights', choices=ARCHS, default=D['arch'])
     data_arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float)
     arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits: an image is of '

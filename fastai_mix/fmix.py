@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from fastcore.basics import basic_repr
+from fastcore.meta import delegates
 from .core import *
-from .core import _inputs, _map_floats, _result, _unmixed, _host_generator, _skip_batch, _expand
+from .core import _inputs, _map_floats, _result, _unmixed, _host_generator, _skip_batch, _expand, _check_label_mode
 from .callback import *
 
 # %% auto #0
@@ -115,11 +116,13 @@ def fmix(
     p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
     per_sample:bool=False, # One share and one mask per sample instead of one per batch
     y:Tensor|Sequence[Tensor]|None=None, # Targets to mix along: masks get the same region, dense float targets are blended
+    label_mode:str='blend', # Dense float targets: 'blend' by the share, or 'union' (multi-label 0/1: the element-wise max of the two)
 ) -> tuple: # (mixed, perm, lam): lam is the real share of the original, a float (a float32 tensor with `per_sample`)
     "FMix: paste a region of a random partner, shaped by thresholded low-frequency Fourier noise, one mask per batch (or per sample)"
     alpha, decay_power, max_soft = check_alpha(alpha), check_decay_power(decay_power), check_max_soft(max_soft)
     p, per_sample = check_share(p, 'p'), check_flag(per_sample, 'per_sample')
     xs, single, ref = _inputs(x, generator, 'fmix')
+    label_mode = _check_label_mode(label_mode, y, ref, 'FMix')
     size, n, dev = _fmix_size(xs), len(ref), ref.device
     P = math.prod(size)
     if per_sample:
@@ -139,11 +142,12 @@ def fmix(
         if max_soft == 0 or not o.is_floating_point(): return paste_mask(o, perm, hard)
         if o.dtype not in soft: soft[o.dtype] = soft_mask(ranks, num, max_soft, o.dtype)
         return paste_mask(o, perm, soft[o.dtype])
-    return _result(_map_floats(xs, paste, single), y, n, size, perm, lam, paste, 'FMix')
+    return _result(_map_floats(xs, paste, single), y, n, size, perm, lam, paste, 'FMix', label_mode)
 
 # %% ../nbs/05_fmix.ipynb #f5a00022
 class FMix(MixHandler):
     "FMix (Harris et al. 2020, https://arxiv.org/abs/2002.12047): paste a region of a random partner shaped by low-frequency Fourier noise"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the share of the original
         decay_power:float=3.0, # The noise's amplitude falls as 1/freq**decay_power: larger, fewer and smoother regions
@@ -151,10 +155,11 @@ class FMix(MixHandler):
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
         per_sample:bool=False, # One share and one mask per sample instead of one per batch
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        **kwargs, # Keyword-only options of `MixHandler`
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
         self.decay_power, self.max_soft = check_decay_power(decay_power), check_max_soft(max_soft)
         self.per_sample = check_flag(per_sample, 'per_sample')
     __repr__ = basic_repr('alpha,decay_power,max_soft,p,per_sample,stop_pct')
     def mix(self, xb, yb, inplace=None): # never in place: the region may hold any position, so the partners are gathered into a new tensor anyway
-        return fmix(xb, self.current('alpha'), self.decay_power, self.max_soft, p=self.current('p'), per_sample=self.per_sample, y=yb)
+        return fmix(xb, self.current('alpha'), self.decay_power, self.max_soft, p=self.current('p'), per_sample=self.per_sample, y=yb, label_mode=self._label_mode())

@@ -243,14 +243,16 @@ class ManifoldMixup(MixHandler):
     "Manifold Mixup (Verma et al. 2019, https://arxiv.org/abs/1806.05236): blend each sample with a partner at a place picked per batch"
     _stateattrs, per_sample_choice = MixHandler._stateattrs + ('_pending', '_places'), False # `MixChoice(per_sample=True)` cannot hold it: see below
     _places = None # (what they were found for, the places): found and probed once per model
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5, as MixUp's)
         module_list:list|None=None, # Modules (or their names in `model.named_modules()`) whose outputs may be mixed; None: a default per architecture
         use_input_mixup:bool=True, # The inputs are one of the places (for a `TabularModel`: its joined embeddings and continuous columns)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        **kwargs, # Keyword-only options of `MixHandler`
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
         self.module_list, self.use_input_mixup = check_module_list(module_list), check_flag(use_input_mixup, 'use_input_mixup')
 
     _repr_args = ('alpha', 'module_list', 'use_input_mixup', 'p', 'stop_pct')
@@ -308,11 +310,13 @@ class ManifoldMixup(MixHandler):
         if place.kind == 'batch': # the inputs: as MixUp
             lam = round_share(lam, floats)
             xm = tuple(lerp_mix(o, perm, lam) for o in xb)
-            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, type(self).__name__)), perm, lam
+            return (xm, _mix_targets(tuple(yb), n, ref.shape[2:], perm, lam, None, type(self).__name__, self._label_mode())), perm, lam
         dt = _autocast_dtype(dev) # `to_fp16`/`to_bf16`: the activations are in that dtype, the shares are rounded through it
         lam = round_share(lam, floats + ([torch.empty(0, dtype=dt)] if dt in _half else []))
-        ym = tuple(lerp_mix(y, perm, lam) if y.is_floating_point() else y for y in yb) # dense targets blended, class indices kept
+        mix_y = union_mix if self._label_mode() == 'union' else lerp_mix # dense targets blended (or their union), class indices kept
+        ym = tuple(mix_y(y, perm, lam) if y.is_floating_point() else y for y in yb)
         pend = self._pending = _Pending(place, perm, lam, tuple(yb), ym, {o.dtype for o in floats} | {dt})
+        pend.mix_y = mix_y
         model, mod = learn.model, place.module
         pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
                         mod.register_forward_hook(_Hook(self, pend, 'output')) if place.kind == 'output'
@@ -334,7 +338,7 @@ class ManifoldMixup(MixHandler):
         if t.dtype in _half and t.dtype not in pend.dtypes: # a half dtype the shares were not rounded through: round them now, in place, for the loss too
             pend.lam.copy_(round_share(pend.lam, [t])); pend.dtypes.add(t.dtype)
             for y, m in zip(pend.yb, pend.ym):
-                if y.is_floating_point(): m.copy_(lerp_mix(y, pend.perm, pend.lam))
+                if y.is_floating_point(): m.copy_(pend.mix_y(y, pend.perm, pend.lam))
         return lerp_mix(t, pend.perm, pend.lam, exact=False) # `exact` writes with `out=`, which autograd refuses
 
     @delegates(MixHandler.show_batch)
@@ -351,11 +355,13 @@ _regression_losses = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.G
 
 class OutputMixup(ManifoldMixup):
     "Output Mixup: blend each sample's logits with its partner's, and mix the loss or the targets to match"
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=0.4, # Concentration of Beta(`alpha`, `alpha`) for the per-sample shares (kept >= 0.5)
         p:float=1.0, # Probability that a sample is mixed at all
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-    ): super().__init__(alpha, None, False, p, stop_pct)
+        **kwargs, # Keyword-only options of `MixHandler`
+    ): super().__init__(alpha, None, False, p, stop_pct, **kwargs)
     _repr_args = ('alpha', 'p', 'stop_pct')
 
     def places(self, model:nn.Module, xb=None) -> list[Place]:

@@ -168,6 +168,7 @@ def show_batch(self:MixHandler,
         xm, ym = (tuple(retain_type(m, o) for m, o in zip(ms, os)) for ms, os in ((xm, xb), (ym, yb))) # the types decoding dispatches on
         n, ref = min(max_n, len(xb[0])), next(o for o in xb if o.is_floating_point())
         masks = [is_mask(y, len(ref), ref.shape[2:]) for y in yb] # segmentation masks: shown mixed, over the input
+        union = self._label_mode() == 'union' and any(y.is_floating_point() and not mk for y, mk in zip(yb, masks)) # titled with the union too
         own, other = (*xm, *(m if mk else y for y, m, mk in zip(yb, ym, masks))), (*xm, *(y[perm] for y in yb))
         pcts = (torch.as_tensor(lam, dtype=torch.float64).cpu().expand(len(perm)) * 100).round().int()
         pcts[perm.cpu() == torch.arange(len(perm))] = 100 # a sample mixed with itself is all itself
@@ -175,13 +176,14 @@ def show_batch(self:MixHandler,
         if isinstance(dl.dataset, Tabular): # fastai's tabular data: a batch decodes to one table, shown as a table (as `dls.show_batch()`)
             df = _table(*(dl.decode(tuple(o[:n] for o in b)) for b in (own, other)), pcts[:n])
             return display_df(df) if show else df
+        united = dl.decode_batch((*xm, *ym), max_n=n) if union else [None] * n
         own, other = dl.decode_batch(own, max_n=n), dl.decode_batch(other, max_n=n)
     nrows = nrows or (math.ceil(n / ncols) if ncols else int(math.sqrt(n)))
     ncols = ncols or math.ceil(n / nrows)
     if nrows * ncols < n: raise ValueError(f"a grid of nrows={nrows} by ncols={ncols} has no room for {n} samples: give a larger grid or a smaller max_n")
     size = figsize or (3 * ncols, 3 * nrows)
     fig = plt.figure(figsize=size) if show else FigureCanvasAgg(Figure(figsize=size)).figure # pyplot shows its figures; the other is the caller's only
-    for i, (s, s1) in enumerate(zip(own, other)):
+    for i, (s, s1, u) in enumerate(zip(own, other, united)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         show_input(s[0], ax, **kwargs)
         for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax, signal=s[0].ndim <= 2)
@@ -190,5 +192,8 @@ def show_batch(self:MixHandler,
         pct1 = None if pcts1 is None else int(pcts1[i])
         if ys: ax.set_title(mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct, pct1))
         elif pct < 100: ax.set_title(f"{pct}% + {100 - pct}%")
+        if u is not None and ys and pct < 100: # label_mode='union': the labels the loss sees, over where they came from
+            us = [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]
+            ax.set_title(f"{'/'.join(map(label_str, us))}\n= {ax.get_title()}", fontsize='small')
     fig.tight_layout()
     return None if show else fig

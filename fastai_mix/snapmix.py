@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import basic_repr
+from fastcore.meta import delegates
 from fastai.layers import AdaptiveConcatPool2d, Flatten
 from .core import *
 from .core import _inputs, _map_floats, _unmixed, _skip_batch, _spatial_size, _plain
@@ -204,6 +205,7 @@ class SnapMix(MixHandler):
     "SnapMix (Huang et al. 2021, https://arxiv.org/abs/2012.04846): a box of a random partner resized into another box, labels weighted by class activation maps"
     _stateattrs = MixHandler._stateattrs + ('_parts',) # the modules found in the learner's model: not pickled by `learn.export`
     _parts = None
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=5.0, # Concentration of Beta(`alpha`, `alpha`) for each box's share (the paper's 5: boxes of about half the image)
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
@@ -212,11 +214,17 @@ class SnapMix(MixHandler):
         head:nn.Module|str|None=None, # The classifier after it: an `nn.Linear` after global average pooling (CAM), or what maps the feature map to the logits (Grad-CAM)
         cam_every:int=1, # Maps for every `cam_every`-th training batch; the batches between get the kept areas as weights
         stop_pct:float=1.0, # Stop mixing once this share of training is done
+        **kwargs, # `MixHandler`'s options (`label_mode`; `decoupled` is refused: SnapMix's weights need not sum to 1)
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
+        self._check_decoupled()
         self.per_sample, self.cam_every = check_flag(per_sample, 'per_sample'), _check_every(cam_every)
         self.feature_module, self.head = _check_part(feature_module, 'feature_module'), _check_part(head, 'head')
     __repr__ = basic_repr('alpha,p,per_sample,cam_every,stop_pct')
+    def _check_decoupled(self):
+        d = self._choice.decoupled if self._choice is not None else self.decoupled
+        if d: raise ValueError(f"{'MixChoice' if self._choice is not None else 'SnapMix'}(decoupled={d}): the decoupled mixup term is defined for shares "
+                               "lam and 1 - lam, but SnapMix's two weights need not sum to 1: use decoupled=0 with SnapMix")
 
     def _learner(self):
         learn = self.learn if self.learn is not None else getattr(self._choice, 'learn', None)
@@ -233,6 +241,7 @@ class SnapMix(MixHandler):
     def mix(self, xb, yb, inplace=None): # never in place: the maps are read from the unmixed batch
         "Paste a partner's box, resized, into another box; return the sample's label weights as `lam` and set `lam1`, its partner's"
         self.lam1 = None
+        self._check_decoupled()
         xs, single, ref = _inputs(xb, None, 'SnapMix')
         size = _spatial_size(xs, 'SnapMix')
         if len(size) != 2: raise ValueError(f"SnapMix reads class activation maps of images (N, C, H, W), got inputs of shape {tuple(ref.shape)}")

@@ -14,7 +14,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['synth_dls', 'synth_learner', 'synth_seg_learner', 'blend_shares', 'paste_shares', 'MixSpy']
+__all__ = ['synth_dls', 'synth_learner', 'synth_seg_learner', 'digit_images', 'digits_dls', 'blend_shares', 'paste_shares',
+           'MixSpy']
 
 # %% ../nbs/09_test_utils.ipynb #7f67edcc
 def synth_dls(
@@ -61,6 +62,30 @@ def synth_seg_learner(
     dsets = Datasets(list(zip(x, m)), tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(n)), list(range(n))])
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(size) - 1]
     return Learner(dsets.dataloaders(bs=bs), conv(3, c, 1), loss_func=CrossEntropyLossFlat(axis=1), cbs=cbs)
+
+# %% ../nbs/09_test_utils.ipynb #1084df77
+def digit_images(
+    n:int=64, # Number of digits, the first `n` of scikit-learn's `load_digits`
+    size:int=32, # Side of the images (the 8x8 digits upscaled, bilinear)
+) -> tuple: # (images (n, 1, size, size) in [0, 1], labels (n,))
+    "Real handwritten digits as float images, for pictures of what a mixer does (scikit-learn, no download)"
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = nn.functional.interpolate(torch.tensor(d.images[:n], dtype=torch.float32).div(16).unsqueeze(1), size=size, mode='bilinear')
+    return x.clamp(0, 1), torch.tensor(d.target[:n])
+
+def digits_dls(
+    n:int=64, # Number of digits
+    size:int=32, # Side of the images
+    bs:int=16, # Batch size
+) -> DataLoaders:
+    "fastai `DataLoaders` of `digit_images` with their class names (the same digits for training and validation), for `show_batch`"
+    from fastai.data.transforms import Categorize
+    from fastai.torch_core import TensorImage
+    x, y = digit_images(n, size)
+    dsets = Datasets([(TensorImage(o), str(int(t))) for o, t in zip(x, y)], tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize()]],
+                     splits=[list(range(n)), list(range(n))])
+    return dsets.dataloaders(bs=bs)
 
 # %% ../nbs/09_test_utils.ipynb #3ab8bdce
 def blend_shares(x:Tensor, xm:Tensor, perm:Tensor) -> Tensor:

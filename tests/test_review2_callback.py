@@ -1,5 +1,5 @@
 "Issue 20, the callback side: regression tests for items 1, 2, 8, 13, 14 and 18"
-import itertools, re
+import itertools, json, re
 from pathlib import Path
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.test import test_close as close_, test_eq as eq_
@@ -158,28 +158,31 @@ def readme_usage():
     usage = text.split('## Usage', 1)[1]
     return re.search(r"```python\n(.*?)```", usage, re.S).group(1)
 
-def test_readme_usage_block(monkeypatch):
-    "The README's Usage block runs as written, on small synthetic images: CutMix mixes the first fit, ResizeMix alone the second"
+def test_readme_usage_block(monkeypatch, tmp_path):
+    "The README's Usage block as written, on small synthetic images: CutMix on the learner mixes the fit, and stays on it"
     import fastai.vision.all as va
     spy = Mixing()
-    made = []
+    made, lfs = [], []
     def vision_learner(dls, arch, loss_func=None, cbs=None, **kwargs): # the README's call, on a tiny model (no download)
-        made.append(Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, dls.c)), loss_func=loss_func, cbs=[cbs, spy]))
+        made.append(Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, dls.c)), loss_func=loss_func or CrossEntropyLossFlat(), cbs=[cbs, spy]))
+        lfs.append(made[-1].loss_func) # fastai infers this loss from the digits' labels
         return made[-1]
-    monkeypatch.setattr(va, 'vision_learner', vision_learner)
     dls = synth_dls(n=16, bs=16)
     dls.c = 4
+    class ImageDataLoaders: from_folder = staticmethod(lambda *a, **k: dls) # the README's folder of digits, as small synthetic images
+    monkeypatch.setattr(va, 'vision_learner', vision_learner)
+    monkeypatch.setattr(va, 'ImageDataLoaders', ImageDataLoaders)
+    monkeypatch.chdir(tmp_path) # the block writes its digits into the working directory
     code = readme_usage()
-    assert 'cbs=CutMix()' in code and 'cbs=ResizeMix()' in code
-    ns = dict(dls=dls)
-    exec(code, ns)
+    assert 'cbs=CutMix()' in code and 'show_batch' in code
+    exec(code, {})
     learn = made[0]
-    eq_(spy.fits, [[['CutMix']] * 5, [['ResizeMix']] * 5]) # 5 epochs of one batch: CutMix, then ResizeMix alone
-    assert isinstance(learn.cut_mix, CutMix) and not hasattr(learn, 'resize_mix')
+    eq_(spy.fits, [[['CutMix']]]) # one epoch of one batch, mixed by CutMix (show_batch trains nothing)
     assert [type(cb).__name__ for cb in learn.cbs if isinstance(cb, MixHandler)] == ['CutMix']
-    assert type(learn.loss_func) is CrossEntropyLossFlat
-    learn.fit(1) # the learner's mixer mixes again
-    eq_(spy.seen, [['CutMix']])
+    assert learn.loss_func is lfs[0] # the learner's own loss, after the fit
+    learn.fit(1, cbs=ResizeMix()) # the README's "for one fit only", with another mixer: it replaces CutMix there
+    eq_(spy.seen, [['ResizeMix']])
+    assert not hasattr(learn, 'resize_mix') and learn.loss_func is lfs[0]
 
 def test_fit_mixer_replaces_learners_mixer_for_that_fit():
     lf, own = CrossEntropyLossFlat(), MixUp()
@@ -289,8 +292,10 @@ def test_mix_contract_checked(what, exc, msg):
     assert learn.loss_func is lf
 
 def readme_batch_mixup():
-    text = (Path(__file__).parent.parent / 'README.md').read_text()
-    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if 'class BatchMixUp(MixHandler)' in b)
+    "The example mixer of nbs/01_callback.ipynb (\"Writing a mixer\"), as test_review_callback reads it"
+    nb = json.loads((Path(__file__).parent.parent / 'nbs' / '01_callback.ipynb').read_text())
+    src = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code' and 'class BatchMixUp(MixHandler)' in ''.join(c['source']))
+    return src.split('\n\n')[0] + '\n'
 
 def test_readme_batch_mixup_on_segmentation_refused():
     "The README's BatchMixUp blends the images and cannot blend masks of class indices: a clear error, not masks left behind"

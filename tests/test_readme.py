@@ -1,0 +1,89 @@
+"""The README as a user reads it: every Python block runs as written, top to bottom in one process, and every link to a
+file or to a section of a notebook or a markdown file resolves (the section anchors as Quarto, through pandoc, makes them
+for the docs site nbdev builds)."""
+import json, os, re
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT/'README.md').read_text()
+
+def python_blocks(text:str) -> list[str]: return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+def anchor(heading:str) -> str:
+    "pandoc's `auto_identifiers` (Quarto's): formatting and links dropped, only letters, digits, `_-.` and spaces kept, spaces to hyphens, lower case, nothing before the first letter"
+    s = re.sub(r'\[([^\]]*)\]\([^)]*\)', r'\1', heading).replace('`', '').replace('*', '')
+    s = ''.join(ch for ch in s if ch.isalnum() or ch in '_-.' or ch.isspace())
+    s = re.sub(r'^[^a-z]+', '', re.sub(r'\s+', '-', s.strip()).lower())
+    return s or 'section'
+
+def headings(markdown:str) -> list[str]:
+    "The headings of a markdown text, outside fenced code"
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith('```'): fenced = not fenced
+        elif not fenced and (m := re.match(r'#{1,6}\s+(.*?)\s*#*\s*$', line)): out.append(m[1])
+    return out
+
+def anchors(path:Path) -> set[str]:
+    "The section anchors of a notebook (its markdown cells) or of a markdown file"
+    if path.suffix == '.ipynb':
+        cells = json.loads(path.read_text())['cells']
+        text = '\n\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+    else: text = path.read_text()
+    return {anchor(h) for h in headings(text)}
+
+def links(text:str) -> list[str]:
+    "The targets of the markdown links and images of `text`, outside fenced code"
+    prose = re.sub(r"^```.*?^```", '', text, flags=re.S | re.M)
+    return re.findall(r'\]\(([^)\s]+)\)', prose)
+
+def test_anchor_rule():
+    "pandoc's rule, as Quarto applies it (https://pandoc.org/MANUAL.html#extension-auto_identifiers)"
+    assert anchor('When does mixing pay? Three measured settings') == 'when-does-mixing-pay-three-measured-settings'
+    assert anchor('The `FMix` callback') == 'the-fmix-callback'
+    assert anchor('1. Label noise: the digits') == 'label-noise-the-digits'
+    assert anchor('Writing *a* [mixer](x.md)') == 'writing-a-mixer'
+
+def test_links_resolve():
+    "Every link of the README to a file exists, and every `file#section` names a heading of that file"
+    targets = [t for t in links(README) if not re.match(r'[a-z]+:', t)]
+    assert len(targets) > 20 and any('.ipynb#' in t for t in targets)
+    bad = []
+    for t in targets:
+        file, _, sec = t.partition('#')
+        path = ROOT/file if file else ROOT/'README.md'
+        if not path.exists(): bad.append(f"{t}: no file {file}"); continue
+        if sec and sec not in anchors(path): bad.append(f"{t}: {file or 'README.md'} has no section #{sec} ({sorted(anchors(path))})")
+    assert not bad, '\n'.join(bad)
+
+def test_a_broken_link_is_found():
+    assert links("see [x](nbs/00_core.ipynb#nowhere) and ![p](assets/x.png)\n```python\n[a](b)\n```") == ['nbs/00_core.ipynb#nowhere', 'assets/x.png']
+    assert 'nowhere' not in anchors(ROOT/'nbs'/'00_core.ipynb')
+
+def test_readme_is_short():
+    "The README is a landing page; the notebooks hold the reference"
+    assert len(README.splitlines()) <= 150
+
+def test_python_blocks_run(tmp_path, monkeypatch):
+    "Every Python block of the README, as written, top to bottom in one namespace, in a fresh working directory"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    blocks = python_blocks(README)
+    assert blocks and 'fit_one_cycle' in blocks[0] and 'show_batch' in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    for b in blocks: exec(compile(b, 'README.md', 'exec'), ns)
+    plt.close('all')
+    learn = ns['learn']
+    assert type(learn.cut_mix).__name__ == 'CutMix' and len(learn.recorder.values) == 1 # the last fit's one epoch
+    assert learn.loss_func is learn.dls.loss_func or type(learn.loss_func).__name__ == 'CrossEntropyLossFlat'
+
+def test_sidebar_lists_every_notebook():
+    "nbs/sidebar.yml (committed, in reading order: `custom_sidebar`) gives every notebook a page in the docs site, once"
+    import yaml
+    from nbdev.config import get_config
+    assert get_config(str(ROOT)).custom_sidebar # else nbdev-proc-nbs would rewrite it in file order
+    def files(items): return [f for i in items for f in (files(i['contents']) if isinstance(i, dict) else [i])]
+    listed = files(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents'])
+    assert sorted(listed) == sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb')), listed
