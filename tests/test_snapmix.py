@@ -187,16 +187,16 @@ def test_mix_loss_lam1():
     for lf in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=w), CrossEntropyLossFlat(), nn.CrossEntropyLoss(reduction='sum')):
         for l in (lam, .75): eq_(mix_loss(lf, pred, (y,), (y[perm],), l, lam1=None), mix_loss(lf, pred, (y,), (y[perm],), l))
     nll, nll1 = F.cross_entropy(pred, y, reduction='none'), F.cross_entropy(pred, y[perm], reduction='none')
-    close_(mix_loss(nn.CrossEntropyLoss(), pred, (y,), (y[perm],), lam, lam1), (lam * nll + lam1 * nll1).mean())
-    close_(mix_loss(nn.CrossEntropyLoss(reduction='sum'), pred, (y,), (y[perm],), lam, lam1), (lam * nll + lam1 * nll1).sum())
-    close_(mix_loss(nn.CrossEntropyLoss(reduction='none'), pred, (y,), (y[perm],), lam, lam1), lam * nll + lam1 * nll1)
+    close_(mix_loss(nn.CrossEntropyLoss(), pred, (y,), (y[perm],), lam, lam1=lam1), (lam * nll + lam1 * nll1).mean())
+    close_(mix_loss(nn.CrossEntropyLoss(reduction='sum'), pred, (y,), (y[perm],), lam, lam1=lam1), (lam * nll + lam1 * nll1).sum())
+    close_(mix_loss(nn.CrossEntropyLoss(reduction='none'), pred, (y,), (y[perm],), lam, lam1=lam1), lam * nll + lam1 * nll1)
     wy, wy1 = w[y], w[y[perm]]
     exp = (lam * wy * nll + lam1 * wy1 * nll1).sum() / ((lam * wy + lam1 * wy1).sum() * 6 / (lam + lam1).sum())
-    close_(mix_loss(nn.CrossEntropyLoss(weight=w), pred, (y,), (y[perm],), lam, lam1), exp)
+    close_(mix_loss(nn.CrossEntropyLoss(weight=w), pred, (y,), (y[perm],), lam, lam1=lam1), exp)
     for lf in (nn.CrossEntropyLoss(weight=w), nn.CrossEntropyLoss(ignore_index=1)): # lam1 = 1-lam: the one-weight normalisation
-        close_(mix_loss(lf, pred, (y,), (y[perm],), lam, 1 - lam), mix_loss(lf, pred, (y,), (y[perm],), lam))
+        close_(mix_loss(lf, pred, (y,), (y[perm],), lam, lam1=1 - lam), mix_loss(lf, pred, (y,), (y[perm],), lam))
     ones = torch.ones(6)
-    eq_(mix_loss(nn.CrossEntropyLoss(weight=w), pred, (y,), (y[perm],), ones, 0 * ones), F.cross_entropy(pred, y, weight=w)) # left alone: the loss itself
+    eq_(mix_loss(nn.CrossEntropyLoss(weight=w), pred, (y,), (y[perm],), ones, lam1=0 * ones), F.cross_entropy(pred, y, weight=w)) # left alone: the loss itself
 
 # ---- the learner contract ----
 
