@@ -154,7 +154,7 @@ class MixHandler(Callback):
     "Base callback for batch mixing: mixes the inputs before each training batch, and the loss or the targets to match"
     run_valid = False
     order = ParamScheduler.order + 20 # after every fastai callback (the last, SkipToEpoch, is 70): `ParamScheduler` has set this batch's values, and no callback runs between the loss swap and the loss call
-    _stateattrs = ('perm', 'lam', 'yb1', '_old_lf', '_lf_ok', '_dm_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name', '_counts', '_alone', '_policy_mask', '_show_dl') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
+    _stateattrs = ('perm', 'lam', 'lam1', 'yb1', '_old_lf', '_lf_ok', '_dm_ok', '_rank_seed', '_rank_states', '_per_call', '_idle', '_attr_name', '_counts', '_alone', '_policy_mask', '_show_dl') # per-batch and per-fit state, the last loss checked: not pickled by `learn.export`
     _rank_seed = _rank_states = None # this rank's random streams under distributed training
     _per_call = _idle = False # given to one fit (not to the learner); idle for a fit that was given another mixer
     _attr_name = None # its attribute on the learner when not fastai's usual name: see `name`
@@ -178,7 +178,7 @@ class MixHandler(Callback):
         self.partner, self.sigma, self.class_counts, self.remix = check_partner(partner, sigma, class_counts, remix)
         self._init_state()
 
-    def _init_state(self): self.perm = self.lam = self.yb1 = self._old_lf = None
+    def _init_state(self): self.perm = self.lam = self.lam1 = self.yb1 = self._old_lf = None # `lam1`: the partners' own weight, set by `mix` (SnapMix); None: 1 - lam
     def __setattr__(self, name, value): # fastai checks each set against the learner's attributes; the per-batch state skips that lookup
         if name in self._stateattrs: object.__setattr__(self, name, value)
         else:
@@ -288,8 +288,11 @@ class MixHandler(Callback):
         ref = _ref(xb) # the input whose spatial size tells masks, and the batch's device
         index = [_is_index(y, ref) for y in yb]
         self._check_options(yb, index)
+        self.lam1 = None
         with rank_draws(self, ref.device): res = self.mix(xb, yb) # under distributed training, each rank its own draws
         (xm, ym), perm, lam = _checked_mix(type(self).__name__, xb, yb, res, ref)
+        if self.lam1 is not None and not (isinstance(lam, Tensor) and isinstance(self.lam1, Tensor) and self.lam1.shape == lam.shape): raise TypeError(
+            f"{type(self).__name__}.mix set lam1, the partners' own weights, so it must return one share per sample and lam1 as a tensor of the same shape ({len(ref)},)")
         mixed = any(index) and not (isinstance(lam, float) and lam == 1) # a batch left alone keeps its loss
         if mixed and isinstance(lam, Tensor): self._check_loss()
         (self.learn.xb, self.learn.yb), self.perm, self.lam = (xm, ym), perm, lam
@@ -312,7 +315,7 @@ class MixHandler(Callback):
         "The original loss against both targets, weighted by the shares; puts the original loss back first"
         loss_func = self._old_lf
         self._restore_loss()
-        try: return mix_loss(loss_func, pred, yb, self.yb1, self.lam, decoupled=self.decoupled)
+        try: return mix_loss(loss_func, pred, yb, self.yb1, self.lam, decoupled=self.decoupled, lam1=self.lam1)
         except BaseException: self._init_state(); raise # a failed loss call leaves no batch state behind
 
     def _restore_loss(self):
@@ -504,15 +507,24 @@ class MixChoice(MixHandler):
         if not self.per_sample:
             k = int(torch.multinomial(torch.tensor(chances), 1)) # a host draw
             if any(policy): self._policy_mask = torch.full((len(ref),), k > 0 and policy[k - 1], device=ref.device)
-            return _unmixed(xb, yb, ref) if k == 0 else self.mixers[k - 1].mix(xb, yb, inplace)
+            if k == 0: return _unmixed(xb, yb, ref)
+            res = self.mixers[k - 1].mix(xb, yb, inplace)
+            self.lam1 = self.mixers[k - 1].lam1 # the pick's own partner weights (SnapMix's), or None
+            return res
         u, pick = torch.rand(len(ref), device=ref.device), torch.zeros(len(ref), dtype=torch.long, device=ref.device)
         for c in torch.tensor(chances).cumsum(0)[:-1].tolist(): pick += u >= c # each sample's pick, drawn on the device (no host-to-device copy)
-        res = _unmixed(xb, yb, ref)
+        res, own = _unmixed(xb, yb, ref), []
         for k, m in enumerate(self.mixers, 1):
-            if chances[k] > 0: res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
+            if chances[k] > 0:
+                res = _select(pick == k, m.mix(xb, yb, inplace=False), res)
+                if m.lam1 is not None: own.append((k, m.lam1))
         if any(policy):
             self._policy_mask = torch.zeros_like(pick, dtype=torch.bool)
             for k in (k for k, on in enumerate(policy, 1) if on): self._policy_mask |= pick == k
+        if own: # the partner weights of each sample's pick: SnapMix's own, 1 - lam for the others
+            lam1 = 1 - torch.as_tensor(res[2], device=ref.device).expand(len(ref))
+            for k, l1 in own: lam1 = torch.where(pick == k, l1, lam1)
+            self.lam1 = lam1
         return res
 
 

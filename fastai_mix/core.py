@@ -92,6 +92,24 @@ def _target_weights(cw, y:Tensor) -> Tensor:
     keep = y != ignore
     return keep.float() if weight is None else weight.float()[torch.where(keep, y, 0)] * keep
 
+def _weighted_loss(loss_func, pred:Tensor, yb, yb1, lam, lam1) -> Tensor:
+    "`lam*loss(yb) + lam1*loss(yb1)` per sample, two weights that need not sum to 1 (SnapMix's), reduced as `loss_func` reduces"
+    reduction, cw = loss_reduction(loss_func), _class_weights(loss_func)
+    with NoneReduce(loss_func) as lf: loss, loss1 = _plain(lf(pred, *yb)), _plain(lf(pred, *yb1))
+    if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample weights need one loss per sample")
+    n = len(loss)
+    w, w1 = (torch.as_tensor(o, device=loss.device).to(loss.dtype).expand(n).reshape(n, 1) for o in (lam, lam1))
+    l0 = loss.reshape(n, -1)
+    mixed = torch.where((w == 1) & (w1 == 0), l0, w * l0 + w1 * loss1.reshape(n, -1)) # a sample left alone is its own loss
+    if reduction == 'mean' and cw is not None and len(yb) == 1 and not yb[0].is_floating_point(): # the weighted mean of the targets' class weights, as cross-entropy divides by
+        tw, tw1 = _target_weights(cw, yb[0]).reshape(n, -1), _target_weights(cw, yb1[0]).reshape(n, -1)
+        mass = (w + w1).expand_as(tw).sum()
+        res = mixed.sum() / ((w * tw + w1 * tw1).sum() * tw.numel() / mass).to(mixed.dtype) # with lam1 = 1-lam: sum(lam*w(yb) + (1-lam)*w(yb1)), as below
+    else: res = reduce_loss(mixed.reshape(loss.shape), reduction)
+    if reduction == 'none': return res
+    plain = _plain(loss_func(pred, *yb))
+    return torch.where(((w == 1) & (w1 == 0)).all(), plain, res) if plain.shape == res.shape else res
+
 def mix_loss(
     loss_func, # The original loss: a module or function (for per-sample shares, one that accepts `reduction='none'`)
     pred:Tensor, # Model output
@@ -99,8 +117,13 @@ def mix_loss(
     yb1:Sequence[Tensor], # Targets of the partners: `y[perm]` for class indices, the mixed targets themselves for the others
     lam:float|Tensor, # Share of the original: one float, or one per sample
     decoupled:float=0., # Weight eta of the decoupled mixup term (`decoupled_loss`, cross-entropy on class indices only); 0: off, the plain mixed loss
+    lam1:float|Tensor|None=None, # Weight of the partners' targets; None: `1 - lam`. SnapMix gives its own (the two need not sum to 1)
 ) -> Tensor:
     "`loss_func` against both targets, weighted by the shares and normalised as `loss_func` normalises"
+    if lam1 is not None:
+        if decoupled: raise ValueError(f"decoupled={decoupled}: the decoupled mixup term is defined for shares lam and 1 - lam, but lam1 gives the partners "
+                                       "their own weight (SnapMix's two weights need not sum to 1): use decoupled=0 with them")
+        return _weighted_loss(loss_func, pred, yb, yb1, lam, lam1)
     if decoupled: # checked first: a loss or targets the decoupled term cannot score are refused before anything is computed
         eta, d = check_decoupled(decoupled), decoupled_loss(loss_func, pred, yb, yb1, lam)
         return mix_loss(loss_func, pred, yb, yb1, lam) + eta * d

@@ -26,6 +26,7 @@ from .core import check_decoupled
 from .callback import MixUp, CutMix, ResizeMix
 from .fmix import FMix
 from .manifold import ManifoldMixup, tabular_comparison
+from .snapmix import SnapMix
 import fastai_mix.show # MixHandler.show_batch
 from .data import ArrayImages, array_dls, find_fashion_mnist, read_idx, DataNotFoundError, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from .calibration import ECE, pool_bins, plot_reliability
@@ -273,8 +274,8 @@ def make_model(
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 # %% ../nbs/02_demo.ipynb #d292cec5
-MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup)
-DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix and manifold on demand (--mix)
+MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup, snapmix=SnapMix)
+DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold and snapmix on demand (--mix)
 
 def make_mixer(
     name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'; with '+dm' after a mixer's name, that mixer with the decoupled loss

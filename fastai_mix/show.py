@@ -40,9 +40,11 @@ def mix_title(
     y, # Decoded target of the sample (or a tuple of them, one per target)
     y1, # Decoded target of its partner
     pct:int, # Share of the sample in percent; the partner has the rest
+    pct1:int|None=None, # The partner's own weight in percent, when it is not the rest (SnapMix's two weights)
 ) -> str:
     "`7 (62%) + 1 (38%)`: the labels of a sample and its partner with their shares, or one label when one share is all"
     s, s1 = ('/'.join(map(label_str, o)) if isinstance(o, tuple) else label_str(o) for o in (y, y1))
+    if pct1 is not None: return s if pct >= 100 and pct1 <= 0 else f"{s} ({pct}%) + {s1} ({pct1}%)"
     return s if pct >= 100 else s1 if pct <= 0 else f"{s} ({pct}%) + {s1} ({100 - pct}%)"
 
 # %% ../nbs/03_show.ipynb #cecc6ca3
@@ -164,6 +166,7 @@ def show_batch(self:MixHandler,
         self._show_dl = dl # where a partner policy's class counts come from for a mixer not on a learner
         try: (xm, ym), perm, lam = self.mix(xb, yb, inplace=False)
         finally: self._show_dl = None
+        lam1, self.lam1 = self.lam1, None # the partners' own weights (SnapMix's), else None: the rest
         xm, ym = (tuple(retain_type(m, o) for m, o in zip(ms, os)) for ms, os in ((xm, xb), (ym, yb))) # the types decoding dispatches on
         n, ref = min(max_n, len(xb[0])), next(o for o in xb if o.is_floating_point())
         masks = [is_mask(y, len(ref), ref.shape[2:]) for y in yb] # segmentation masks: shown mixed, over the input
@@ -173,6 +176,7 @@ def show_batch(self:MixHandler,
         alone = perm.cpu() == torch.arange(len(perm))
         pcts[alone] = 100 # a sample mixed with itself is all itself
         policy = getattr(self, 'partner', 'random') != 'random' or any(getattr(m, 'partner', 'random') != 'random' for m in getattr(self, 'mixers', ()))
+        pcts1 = None if lam1 is None else (lam1.detach().double().cpu() * 100).round().int().masked_fill(alone, 0)
         if isinstance(dl.dataset, Tabular): # fastai's tabular data: a batch decodes to one table, shown as a table (as `dls.show_batch()`)
             df = _table(*(dl.decode(tuple(o[:n] for o in b)) for b in (own, other)), pcts[:n])
             return display_df(df) if show else df
@@ -189,7 +193,8 @@ def show_batch(self:MixHandler,
         for m in (t for t, mk in zip(s[dl.n_inp:], masks) if mk): show_mask(m, ax, signal=s[0].ndim <= 2)
         ys, ys1 = ([t for t, mk in zip(o[dl.n_inp:], masks) if not mk] for o in (s, s1))
         pct = int(pcts[i])
-        if ys: title = mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct)
+        pct1 = None if pcts1 is None else int(pcts1[i])
+        if ys: title = mix_title(ys[0] if len(ys) == 1 else tuple(ys), ys1[0] if len(ys1) == 1 else tuple(ys1), pct, pct1)
         else: title = f"{pct}% + {100 - pct}%" if pct < 100 else ''
         unite = u is not None and ys and pct < 100 # label_mode='union': the labels the loss sees, over where they came from
         if unite: title = f"{'/'.join(map(label_str, [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]))}\n= {title}"
