@@ -438,6 +438,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastai_mix.snapmix.SnapMix.__init__': ('snapmix.html#snapmix.__init__', 'fastai_mix/snapmix.py'),
                                     'fastai_mix.snapmix.SnapMix._check_decoupled': ( 'snapmix.html#snapmix._check_decoupled',
                                                                                      'fastai_mix/snapmix.py'),
+                                    'fastai_mix.snapmix.SnapMix._draw_partners': ( 'snapmix.html#snapmix._draw_partners',
+                                                                                   'fastai_mix/snapmix.py'),
                                     'fastai_mix.snapmix.SnapMix._learner': ('snapmix.html#snapmix._learner', 'fastai_mix/snapmix.py'),
                                     'fastai_mix.snapmix.SnapMix.cam_parts': ('snapmix.html#snapmix.cam_parts', 'fastai_mix/snapmix.py'),
                                     'fastai_mix.snapmix.SnapMix.mix': ('snapmix.html#snapmix.mix', 'fastai_mix/snapmix.py'),

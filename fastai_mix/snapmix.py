@@ -12,7 +12,7 @@ from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from fastai.layers import AdaptiveConcatPool2d, Flatten
 from .core import *
-from .core import _inputs, _map_floats, _unmixed, _skip_batch, _spatial_size, _plain
+from .core import _inputs, _map_floats, _unmixed, _skip_batch, _spatial_size, _plain, _policy_target
 from .callback import *
 from .callback import _is_index
 import fastai_mix.show # `show_batch` on the mixers
@@ -218,6 +218,8 @@ class SnapMix(MixHandler):
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         self._check_decoupled()
+        if self.remix is not None: raise ValueError(f"SnapMix(remix={self.remix!r}): SnapMix weighs each label by its class activation map, "
+            "which Remix's rule would overwrite: use remix=None with SnapMix (partner='balanced' pairs rare classes more often)")
         self.per_sample, self.cam_every = check_flag(per_sample, 'per_sample'), _check_every(cam_every)
         self.feature_module, self.head = _check_part(feature_module, 'feature_module'), _check_part(head, 'head')
     __repr__ = basic_repr('alpha,p,per_sample,cam_every,stop_pct')
@@ -238,6 +240,15 @@ class SnapMix(MixHandler):
         if self._parts is None or self._parts[0] is not model: self._parts = model, cam_parts(model, self.feature_module, self.head)
         return self._parts[1]
 
+    def _draw_partners(self, y:Tensor, device) -> Tensor:
+        "Each sample's partner: a random permutation, or drawn by `partner` ('balanced', 'same_class', 'other_class'), on the device"
+        if self.remix is not None: raise ValueError(f"SnapMix(remix={self.remix!r}) (given by its MixChoice): SnapMix weighs each label by its class "
+                                                    "activation map, which Remix's rule would overwrite: use remix=None")
+        if self.partner == 'random': return torch.randperm(len(y), device=device)
+        _policy_target((y,), len(y), self.partner, None, 'SnapMix') # a policy that does not fit class indices is refused
+        counts = self._class_counts(device) if self.partner == 'balanced' else None
+        return draw_partners(len(y), y, self.partner, self.sigma, counts, device)
+
     def mix(self, xb, yb, inplace=None): # never in place: the maps are read from the unmixed batch
         "Paste a partner's box, resized, into another box; return the sample's label weights as `lam` and set `lam1`, its partner's"
         self.lam1 = None
@@ -257,7 +268,7 @@ class SnapMix(MixHandler):
             lam_d, lam_s = beta_sample(alpha, 2).tolist() # host draws: the box it receives and the partner's box, each its own share
             box, src = cutmix_box(size, lam_d), cutmix_box(size, lam_s)
             if any(b.stop == b.start for b in (*box, *src)): return _unmixed(xb, yb, ref) # an empty box: left alone, as the official code
-            perm = torch.randperm(n, device=ref.device)
+            perm = self._draw_partners(y, ref.device)
             paste = torch.zeros(n, *size, dtype=torch.bool, device=ref.device); paste[(slice(None), *box)] = True
             source = torch.zeros_like(paste); source[(slice(None), *src)] = True
             keep = torch.full((n,), box_share(box, size), device=ref.device)
@@ -267,11 +278,15 @@ class SnapMix(MixHandler):
             slo, shi = draw_boxes(n, size, alpha, device=ref.device)
             ok = ((hi[0] > lo[0]) & (hi[1] > lo[1]) & (shi[0] > slo[0]) & (shi[1] > slo[1])) # both boxes hold pixels: else left alone
             lo, hi = [a * ok for a in lo], [b * ok for b in hi]
-            perm = torch.randperm(n, device=ref.device)
+            perm = self._draw_partners(y, ref.device)
             paste, source, keep = boxes_mask(lo, hi, size), boxes_mask(slo, shi, size), boxes_share(lo, hi, size)
             f = lambda o: resize_boxes(o, perm, slo, shi, lo, hi)
         maps = normalise_maps(class_maps(learn.model, tuple(xs), y, self.cam_parts()), size) if use_maps else None
         lam, lam1 = snap_weights(maps, perm, y, keep, paste, source)
         if self.per_sample: lam, lam1 = torch.where(ok, lam, 1.), torch.where(ok, lam1, 0.)
+        if self.partner != 'random': # a sample with no possible partner is left alone: all its own label, its pixels as they were
+            alone = perm == torch.arange(n, device=perm.device)
+            lam, lam1, paste_ = torch.where(alone, 1., lam), torch.where(alone, 0., lam1), f
+            f = lambda o: torch.where(alone.view(-1, *[1] * (o.ndim - 1)), o, paste_(o))
         self.lam1 = lam1
         return (_map_floats(xs, f, single), yb), perm, lam

@@ -362,3 +362,18 @@ def test_snapmix_in_the_demo(tmp_path):
     res = json.loads((tmp_path/'results.json').read_text())
     eq_([r['mixer'] for r in res['runs']], ['snapmix'])
     assert 0 <= res['runs'][0]['accuracy'] <= 1 and (tmp_path/'batch_snapmix.png').stat().st_size > 1000
+
+@pytest.mark.parametrize('per_sample', [False, True])
+def test_partner_policies(per_sample):
+    "partner='same_class' pairs within a class, the lone samples left alone (weights 1 and 0, pixels as they were); remix is refused"
+    m = SnapMix(per_sample=per_sample, partner='same_class')
+    learn = Learner(coord_dls(), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=m)
+    rec = Rec(m); learn.add_cb(rec)
+    with no_random(0): learn.fit(1, lr=0)
+    for r in rec.records:
+        y, perm, alone = r['y'], r['perm'], r['perm'] == torch.arange(len(r['perm']))
+        eq_(y[perm], y)
+        for i in alone.nonzero().flatten().tolist():
+            assert (y == y[i]).sum() == 1 # the only one of its class in the batch
+            eq_(r['lam'][i].item(), 1.); eq_(r['lam1'][i].item(), 0.); eq_(r['xm'][i], r['x'][i])
+    with pytest.raises(ValueError, match=r'remix=None'): SnapMix(remix=(3, .5))
