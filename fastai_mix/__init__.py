@@ -6,3 +6,4 @@ from .show import *
 from .fmix import *
 from .manifold import *
 from .calibration import *
+from .transmix import *
