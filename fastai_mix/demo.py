@@ -625,6 +625,7 @@ def run_demo(
     "Train the same model once per mixer and seed on the digits (or `data`), print the paired comparison and save it to `out`"
     for m in mix: make_mixer(m) # check the names before any work
     make_model(arch, 2); noise = check_noise(noise)
+    if 'transmix' in mix and arch != 'vit': raise DemoError(f"--mix transmix reads the attention of a vision transformer; --arch {arch} has none: give --arch vit")
     if n_train is not None and n_train < 1: raise ValueError(f"n_train must be a positive number of images, got {n_train!r}")
     if seeds < 1: raise ValueError(f"seeds must be a positive number of seeds, got {seeds!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

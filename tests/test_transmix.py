@@ -251,3 +251,12 @@ def test_mix_outside_training_reads_eval_attention():
     h.remove()
     ok = moved(perm)
     close_(lam[ok], expected_shares(x, xm[0], perm, seen[0], attn, 4)[ok], eps=1e-5)
+
+def test_demo_vit_and_transmix(capsys):
+    "The demo's 'vit' arch is a timm ViT at the data's size (1 or 3 channels) that TransMix reads; --mix transmix without it is refused"
+    from fastai_mix.demo import make_model, make_mixer, main
+    m = make_model('vit', 10, n_in=1, size=28)
+    eq_(m(torch.zeros(2, 1, 28, 28)).shape, (2, 10)); eq_(m.patch_embed.num_patches, 49)
+    assert isinstance(make_mixer('transmix'), TransMix)
+    with pytest.raises(SystemExit): main(['demo', '--mix', 'none,transmix', '--arch', 'small'])
+    assert 'give --arch vit' in capsys.readouterr().err
