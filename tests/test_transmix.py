@@ -4,6 +4,7 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.test import test_close as close_, test_eq as eq_
 from fastai.callback.core import Callback, CancelBatchException, CancelFitException
 from fastai.learner import Learner, load_learner
+from fastai.data.core import DataLoaders
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 import fastai.callback.progress # Learner.no_bar
@@ -15,9 +16,13 @@ def vit(size=16, patch=4, **kw):
     "A tiny timm ViT: 2 blocks of 2 heads, 32 wide"
     return timm.create_model('vit_tiny_patch16_224', pretrained=False, **{**dict(img_size=size, patch_size=patch, embed_dim=32, depth=2, num_heads=2, num_classes=3), **kw})
 
+def dls_of(n=16, bs=8, size=16):
+    "16 random images (2 batches), loaded in this process (no worker processes to start)"
+    return DataLoaders(*[dl.new(num_workers=0) for dl in synth_dls(n=n, bs=bs, shape=(3, size, size), c=3).loaders])
+
 def vit_learner(cbs=None, n=16, bs=8, size=16, model=None, **kw):
     "A learner of the tiny ViT on 16 random images (2 batches), quiet"
-    learn = Learner(synth_dls(n=n, bs=bs, shape=(3, size, size), c=3), model if model is not None else vit(size, **kw), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+    learn = Learner(dls_of(n, bs, size), model if model is not None else vit(size, **kw), loss_func=CrossEntropyLossFlat(), cbs=cbs)
     learn.no_bar().__enter__(); learn.no_logging().__enter__() # the tests print nothing
     return learn
 
@@ -192,7 +197,7 @@ def test_vision_learner_and_named_module():
     "A timm ViT through fastai's `vision_learner`: the last block's attention is found inside the body; a named module is read instead"
     from fastai.vision.learner import vision_learner
     set_seed(0)
-    dls = synth_dls(n=16, bs=8, shape=(3, 16, 16), c=3)
+    dls = dls_of()
     kw = dict(pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     learn = vision_learner(dls, 'vit_tiny_patch16_224', n_out=3, loss_func=CrossEntropyLossFlat(), cbs=TransMix(), **kw)
     learn.fit(1)
@@ -220,7 +225,7 @@ def test_show_batch_leaves_model_and_random_states():
     from fastai.vision.learner import vision_learner
     import matplotlib; matplotlib.use('Agg')
     set_seed(0)
-    dls = synth_dls(n=16, bs=8, shape=(3, 16, 16), c=3)
+    dls = dls_of()
     learn = vision_learner(dls, 'vit_tiny_patch16_224', n_out=3, loss_func=CrossEntropyLossFlat(), cbs=TransMix(per_sample=True), pretrained=False, img_size=16, patch_size=4, embed_dim=32,
                            depth=2, num_heads=2, drop_rate=.5)
     learn.model.train()
