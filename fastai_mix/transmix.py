@@ -12,7 +12,7 @@ from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from .core import *
 from .callback import MixHandler
-from .manifold import _unwrap, _autocast_dtype
+from .manifold import _unwrap
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
