@@ -69,7 +69,7 @@ if __name__ == '__main__':
     text = (f"# TransMix's cost per training step\n\n`python bench/transmix_cost.py{' --cuda' if a.cuda else ''}` on {where}, torch {torch.__version__}: "
             f"the demo's small ViT (timm, {a.size} px, patches of 4 px: {(a.size // 4) ** 2} patches, width 64, 4 blocks of 4 heads), "
             f"batch {a.bs}, a fastai training step (forward, mixed loss, backward, Adam step), {'wall time' if a.cuda else 'CPU time of the process'}; median of {a.rounds} rounds × {a.steps} steps, "
-            "the mixers alternating.\n\n| mixer | ms per step | vs CutMix |\n|---|---:|---:|\n" + '\n'.join(rows) + "\n\n"
+            "the mixers alternating.\n\n| mixer | ms per step | vs CutMix on the same ViT |\n|---|---:|---:|\n" + '\n'.join(rows) + "\n\n"
             "TransMix's extra work: the hook on the last block's `qkv` layer recomputes the class token's attention row (for the pooled ViT, "
             "the whole attention matrix: its mean over the patch queries), and `cutmix` pastes an int32 map of each pixel's sample along "
             "with the images, to read the box back.\n")
