@@ -265,3 +265,16 @@ def test_demo_vit_and_transmix(capsys):
     assert isinstance(make_mixer('transmix'), TransMix)
     with pytest.raises(SystemExit): main(['demo', '--mix', 'none,transmix', '--arch', 'small'])
     assert 'give --arch vit' in capsys.readouterr().err
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('per_sample', [False, True], ids=['batch', 'sample'])
+def test_cuda_no_host_sync(per_sample):
+    "On CUDA under to_fp16, a training step's pasting, share reading and mixed loss never wait on the GPU"
+    import fastai.callback.fp16 # noqa: F401  (to_fp16)
+    from test_callback import fit_without_sync
+    learn = vit_learner(cbs=TransMix(per_sample=per_sample), n=32, bs=16)
+    learn.dls.to('cuda'); learn.model.cuda()
+    learn.to_fp16()
+    fit_without_sync(learn)
+    eq_(hooks(learn.model), {})
