@@ -7,3 +7,4 @@ from .fmix import *
 from .manifold import *
 from .calibration import *
 from .snapmix import *
+from .transmix import *

@@ -27,6 +27,7 @@ from .callback import MixUp, CutMix, ResizeMix
 from .fmix import FMix
 from .manifold import ManifoldMixup, tabular_comparison
 from .snapmix import SnapMix
+from .transmix import TransMix
 import fastai_mix.show # MixHandler.show_batch
 from .data import ArrayImages, array_dls, find_fashion_mnist, read_idx, DataNotFoundError, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from .calibration import ECE, pool_bins, plot_reliability
@@ -35,7 +36,7 @@ from .calibration import ECE, pool_bins, plot_reliability
 __all__ = ['FASHION_MNIST', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEMO', 'load_digits_arrays', 'split_idxs',
            'check_noise', 'noisy_labels', 'DemoError', 'own_dir', 'fresh_dir', 'true_label', 'write_digits',
            'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets', 'image_dls',
-           'fashion_datasets', 'small_cnn', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
+           'fashion_datasets', 'small_cnn', 'small_vit', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
            'array_memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_interval', 'paired_summary',
            'results_table', 'table_notes', 'decoupled_summary', 'plot_accuracy', 'plot_curves', 'plot_calibration',
            'save_results', 'torch_threads', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report',
@@ -257,12 +258,26 @@ def small_cnn(
     return nn.Sequential(*[ConvLayer(a, b, stride=2) for a, b in zip(chans, chans[1:])],
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(chans[-1], n_out))
 
-ARCHS = ('small', 'resnet18')
+def small_vit(
+    n_out:int, # Number of classes
+    n_in:int=3, # Input channels
+    size:int=16, # Side of the images: cut into patches of 4x4 pixels (16 patches at 16 px, 49 at 28 px)
+    embed_dim:int=64, # Width of the tokens
+    depth:int=4, # Number of transformer blocks
+    num_heads:int=4, # Attention heads per block
+) -> nn.Module:
+    "A small vision transformer from timm (a class token, patches of 4x4 pixels), freshly initialised, for TransMix"
+    try: from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e: raise ImportError("--arch vit builds a timm vision transformer: pip install timm") from e
+    return VisionTransformer(img_size=size, patch_size=4, in_chans=n_in, num_classes=n_out, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+
+ARCHS = ('small', 'resnet18', 'vit')
 
 def make_model(
-    arch:str, # 'small' (`small_cnn`) or 'resnet18' (torchvision's, not pretrained)
+    arch:str, # 'small' (`small_cnn`), 'resnet18' (torchvision's, not pretrained) or 'vit' (a small timm ViT: `small_vit`)
     n_out:int, # Number of classes
     n_in:int=3, # Input channels: 3 for the RGB images of a folder, 1 for Fashion-MNIST's grey ones
+    size:int=16, # Side of the images, for 'vit' (its patch grid and position embeddings)
 ) -> nn.Module:
     "A freshly initialised model of architecture `arch`"
     if arch == 'small': return small_cnn(n_out, n_in)
@@ -271,14 +286,15 @@ def make_model(
         m = resnet18(weights=None, num_classes=n_out)
         if n_in != 3: m.conv1 = nn.Conv2d(n_in, 64, 7, 2, 3, bias=False) # ResNet's first layer, for other channels
         return m
+    if arch == 'vit': return small_vit(n_out, n_in, size)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 # %% ../nbs/02_demo.ipynb #d292cec5
-MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup, snapmix=SnapMix)
-DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold and snapmix on demand (--mix)
+MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup, snapmix=SnapMix, transmix=TransMix)
+DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold, snapmix and transmix (with --arch vit) on demand (--mix)
 
 def make_mixer(
-    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'; with '+dm' after a mixer's name, that mixer with the decoupled loss
+    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold', 'snapmix' or 'transmix'; with '+dm' after a mixer's name, that mixer with the decoupled loss
     model:nn.Module|None=None, # The model, for 'manifold': the small CNN's conv layers are its places (resnet18's blocks are found by default)
     decoupled:float=0., # Weight eta of the decoupled mixup loss, for a name ending in '+dm' (which needs eta > 0)
 ):
@@ -334,7 +350,7 @@ def array_memorisation(
 
 def train_mixer(
     dsets:Datasets|tuple, # Training and validation images: fastai `Datasets` (`image_datasets`), or two `ArrayImages` (`fashion_datasets`)
-    mixer:str, # A name of `MIXERS`: 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' or 'manifold'
+    mixer:str, # A name of `MIXERS`: 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold' or 'transmix'
     arch:str='small', # Model, see `make_model`
     epochs:int=5, # Epochs of `fit_one_cycle`
     lr:float=3e-2, # Maximum learning rate of `fit_one_cycle`
@@ -344,12 +360,13 @@ def train_mixer(
     noisy:bool=False, # Some training labels were changed (named in the files by `write_digits` or `stage_folder`, or kept by `fashion_datasets`): measure `memorisation`
     progress:bool=True, # Show fastai's progress bar over the epochs (not its table of epochs)
     decoupled:float=0., # Weight eta of the decoupled mixup loss, for a `mixer` named '<mixer>+dm'
+    size:int=16, # Side of the images, for arch 'vit'
 ) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, ece, `memorisation`, sec_per_epoch, the per-epoch `history`, and the final `calibration` bins
     "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history"
     arrays = not isinstance(dsets, Datasets)
     set_seed(seed, reproducible=True)
     dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
-    model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3)
+    model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3, size=size)
     cb, calib = make_mixer(mixer, model, decoupled), ECE()
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, calib], cbs=cb)
     if show is not None and cb is not None: save_batch(cb, show, seed=seed) # changes nothing: training is the same with or without
@@ -598,7 +615,7 @@ def _seed_datasets(source:str|tuple, size:int, seed:int) -> Datasets|tuple: # on
 def _train_run(source:str|tuple, size:int, mixer:str, seed:int, **kwargs) -> tuple:
     "One run of the demo, on the images of `source`: `train_mixer`'s dict, and the numbers of training and validation images"
     dsets = _seed_datasets(source, size, seed)
-    return train_mixer(dsets, mixer, seed=seed, **kwargs), *((len(dsets.train), len(dsets.valid)) if isinstance(dsets, Datasets) else map(len, dsets))
+    return train_mixer(dsets, mixer, seed=seed, size=size, **kwargs), *((len(dsets.train), len(dsets.valid)) if isinstance(dsets, Datasets) else map(len, dsets))
 
 def _start_worker(use_cuda, threads:int|None):
     "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files"
@@ -609,11 +626,11 @@ def _start_worker(use_cuda, threads:int|None):
 FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3)
 
 def run_demo(
-    mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix' and 'manifold'
+    mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold' and 'transmix' (with arch 'vit')
     epochs:int=50, # Epochs per run
     bs:int=32, # Batch size
     size:int=16, # Side of the images fed to the model
-    arch:str='small', # 'small' or 'resnet18'
+    arch:str='small', # 'small', 'resnet18' or 'vit' (a small timm ViT, for 'transmix')
     lr:float=0.01, # Maximum learning rate of `fit_one_cycle`
     noise:float=0.4, # Share of the training labels changed to another class
     data:Path|str|None=None, # Image folder to use instead of the digits, or 'fashion-mnist' (give it `FASHION_MNIST_DEMO`'s settings)
@@ -632,6 +649,7 @@ def run_demo(
     decoupled = check_decoupled(decoupled)
     names = [n for m in mix for n in ((m, f'{m}+dm') if decoupled and m != 'none' else (m,))] # each mixer, then its decoupled twin
     make_model(arch, 2); noise = check_noise(noise)
+    if 'transmix' in mix and arch != 'vit': raise DemoError(f"--mix transmix reads the attention of a vision transformer; --arch {arch} has none: give --arch vit")
     if n_train is not None and n_train < 1: raise ValueError(f"n_train must be a positive number of images, got {n_train!r}")
     if seeds < 1: raise ValueError(f"seeds must be a positive number of seeds, got {seeds!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -768,7 +786,7 @@ def demo_parser() -> argparse.ArgumentParser:
     data_arg('--size', 'side of the images fed to the model, in pixels', type=_positive, metavar='PX')
     arg('--decoupled', 'also train each mixer with the decoupled mixup loss at this weight (as <mixer>+dm, on the same seeds) and '
                        'print its paired comparison with the plain mixer; 0: off', type=_eta, default=D['decoupled'], metavar='ETA')
-    arg('--arch', 'model: a small CNN, or resnet18 from random weights', choices=ARCHS, default=D['arch'])
+    arg('--arch', 'model: a small CNN, resnet18 from random weights, or a small timm vision transformer (patches of 4 px; for transmix)', choices=ARCHS, default=D['arch'])
     data_arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float)
     arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits: an image is of '
                   'the class folder that holds it, however deep; images beside the class folders, in no class, are refused; '
