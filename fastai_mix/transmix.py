@@ -113,6 +113,7 @@ class TransMix(MixHandler):
     _stateattrs = MixHandler._stateattrs + ('_pending', '_found')
     per_sample_choice = False # the shares are written for the whole batch: `MixChoice(per_sample=False)` holds it
     _found = None # (the model's modules, the attention module, its name, the prefix tokens, the pooling): found once per model
+    @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the box's share, as CutMix
         p:float=1.0, # Probability that a batch (a sample, with `per_sample`) is mixed at all
@@ -122,8 +123,11 @@ class TransMix(MixHandler):
         area_weight:float=0.5, # Weight of the area share in the label share: 0.5 as the paper and its code (the mean of both), 0 the attention alone
         attn_module:str|nn.Module|None=None, # The attention module read (its name in `model.named_modules()`, or itself); None: the last timm `Attention`
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts` (`remix` is refused)
     ):
-        super().__init__(alpha, p, stop_pct)
+        super().__init__(alpha, p, stop_pct, **kwargs)
+        if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
+                                                    "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
         self.area_weight = check_share(area_weight, 'area_weight')
         if not (attn_module is None or isinstance(attn_module, (str, nn.Module))): raise TypeError(

@@ -278,3 +278,17 @@ def test_cuda_no_host_sync(per_sample):
     learn.to_fp16()
     fit_without_sync(learn)
     eq_(hooks(learn.model), {})
+
+def test_partner_policy_and_decoupled():
+    "TransMix pairs by `partner` (here within a class: lone samples left alone, share 1) and trains with the decoupled loss; remix is refused"
+    set_seed(0)
+    spy = MixSpy()
+    learn = vit_learner(cbs=[TransMix(partner='same_class', decoupled=.1), spy])
+    learn.fit(1, lr=0)
+    assert spy.records
+    for r in spy.records:
+        y, perm = r['y'][0] if isinstance(r['y'], tuple) else r['y'], r['perm']
+        eq_(y[perm], y)
+        eq_(r['lam'][~moved(perm)], torch.ones(int((~moved(perm)).sum())))
+    eq_(hooks(learn.model), {})
+    with pytest.raises(ValueError, match='remix=None'): TransMix(remix=(3, .5))
