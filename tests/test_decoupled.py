@@ -79,14 +79,14 @@ def test_label_smoothing_stays_on_the_mixed_loss():
     close_(mix_loss(ls, pred, (y,), (y1,), lam, decoupled=.2) - mix_loss(ls, pred, (y,), (y1,), lam), .2 * by_hand(pred, y, y1, lam).mean(), eps=1e-5)
 
 @pytest.mark.parametrize('make,eta', [(lambda **kw: CutMix(**kw), 1.), (lambda **kw: MixUp(**kw), .5),
-                                      (lambda **kw: CutMix(per_sample=True, **kw), .1), (lambda **kw: MixChoice([MixUp(), CutMix()], **kw), .2)],
-                         ids=['cutmix', 'mixup', 'cutmix-per-sample', 'choice'])
+                                      (lambda **kw: MixChoice([MixUp(), CutMix()], per_sample=True, **kw), .2)],
+                         ids=['cutmix', 'mixup', 'choice-per-sample'])
 def test_through_fit(make, eta):
     spy = MixSpy()
     learn = synth_learner(cbs=[make(decoupled=eta), spy], n=32, bs=8)
     lf = learn.loss_func
-    learn.fit(2, lr=1e-2)
-    assert learn.loss_func is lf and len(spy.records) == 8
+    learn.fit(1, lr=1e-2)
+    assert learn.loss_func is lf and len(spy.records) == 4
     some = False
     for r in spy.records:
         y, lam = r['y'][0], r['lam']
