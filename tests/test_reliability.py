@@ -307,7 +307,7 @@ def test_soak_interrupted_fits():
         with no_random(rng.randrange(1000)): learn = synth_learner(loss_func=lf, cbs=[mixer, spy], n=24, bs=5)
         learn.remove_cb(ProgressCallback); learn.logger = noop # quiet and quicker
         snap, n_ok = snapshot(learn), 0
-        for i in range(24):
+        for i in range(12): # 60 interrupted fits in all, each followed by a clean one (about 90 s on one core)
             event, exc = rng.choice(EVENTS), rng.choice(EXCS)
             cb = Interrupt(event, exc, at=rng.randrange(1, 15))
             try: learn.fit(rng.randrange(1, 4), 1e-3, cbs=cb)
@@ -319,5 +319,5 @@ def test_soak_interrupted_fits():
             assert_as_found(learn, snap, mixer)
             if not isinstance(mixer, MixChoice) and mixer.p == 1: check_mixing(mixer, spy.records)
             n_ok += 1
-        eq_(n_ok, 24)
+        eq_(n_ok, 12)
     print(f'soak: {time.perf_counter() - t0:.1f} s')
