@@ -461,7 +461,8 @@ class MixChoice(MixHandler):
         self.weights, self.per_sample = [o / sum(w) for o in w], check_flag(per_sample, 'per_sample')
         whole = [type(m).__name__ for m in self.mixers if not m.per_sample_choice]
         if self.per_sample and whole: raise ValueError(f"MixChoice(per_sample=True) mixes each sample with its own pick, but {', '.join(whole)} "
-                                                       "mixes inside the model, for the whole batch: use per_sample=False (one pick per batch)")
+                                                       "mixes inside the model, for the whole batch (a hidden layer, the logits, or the shares it reads from the attention): "
+                                                       "use per_sample=False (one pick per batch)")
         own = [f"{type(m).__name__}({k}={getattr(m, k)!r})" for m in self.mixers for k, v in (('decoupled', 0.), ('label_mode', 'blend')) if getattr(m, k) != v]
         if own: raise ValueError(f"MixChoice applies its own decoupled= and label_mode= to every pick, but {', '.join(own)} sets its own: give the "
                                  "option to the MixChoice (MixChoice([...], decoupled=.1)) and leave the mixers it holds at their defaults")
