@@ -204,16 +204,16 @@ def mixable_places(
 _half = (torch.float16, torch.bfloat16)
 
 class _Pending:
-    "One training batch's hidden mix: the place, the partners and shares, the targets, and the hooks that do it"
-    def __init__(self, place:Place, perm:Tensor, lam:Tensor, yb:tuple, ym:tuple, dtypes:set):
-        self.place, self.perm, self.lam, self.yb, self.ym, self.dtypes = place, perm, lam, yb, ym, dtypes
+    "One training batch's work in the model's forward pass: what the mixer's hook reads (given as keywords), and the hooks that do it"
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
         self.started, self.calls, self.handles = False, 0, []
     def remove(self):
         for h in self.handles: h.remove()
         self.handles = []
 
 class _Hook:
-    "One of a batch's hooks: 'start' and 'end' on the model, 'output' or 'input' on the place; inert once its batch is over"
+    "One of a batch's hooks: 'start' and 'end' on the model, the mixer's own `kind` on a module (see `_in_forward`); inert once its batch is over"
     def __init__(self, mixer, pend:_Pending, kind:str): self.mixer, self.pend, self.kind = mixer, pend, kind
     def __call__(self, module, args, out=None):
         m, pend = self.mixer, self.pend
@@ -226,12 +226,26 @@ class _Hook:
         elif self.kind == 'end':
             if not pend.started: return # the end of another forward pass
             m._drop_hooks()
-            if out is not None and pend.calls != 1: raise RuntimeError( # `out` is None when the forward pass raised
-                f"{type(m).__name__} picked {pend.place.name} for this batch, but it did not run in the model's forward pass, so nothing "
-                f"was mixed while the loss would be: {m._leave_out()}")
+            if out is not None and pend.calls != 1: raise RuntimeError(m._not_run_once(pend)) # `out` is None when the forward pass raised
         elif pend.started:
-            try: return m._blend(pend, out) if self.kind == 'output' else (m._blend(pend, args[0] if args else None), *args[1:])
+            try: return m._in_forward(pend, self.kind, args, out)
             except BaseException: m._drop_hooks(); raise # the batch's hooks go with its error: the 'end' hook has nothing to add
+
+class _ForwardHooks:
+    "A mixer whose work happens in the training batch's forward pass (ManifoldMixup, TransMix): its hooks live for that pass only"
+    _pending = None # this batch's `_Pending`
+    def _init_state(self):
+        self._drop_hooks()
+        super()._init_state()
+    def _drop_hooks(self):
+        if self._pending is not None: self._pending.remove()
+        self._pending = None
+    def _hook_forward(self, model:nn.Module, pend:_Pending, kind:str, module:nn.Module, pre:bool=False):
+        "Hook `model`'s next forward pass for `pend`: 'start' and 'end' on the model, and `kind` on `module`'s output (its input with `pre`)"
+        hook = _Hook(self, pend, kind)
+        pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
+                        module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook),
+                        model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
 
 def _autocast_dtype(device:torch.device):
     "The dtype autocast (`to_fp16`/`to_bf16`) computes in on `device`, or None"
@@ -239,7 +253,7 @@ def _autocast_dtype(device:torch.device):
 
 def _is_index_mask(y:Tensor, ref:Tensor) -> bool: return not y.is_floating_point() and is_mask(y, len(ref), ref.shape[2:])
 
-class ManifoldMixup(MixHandler):
+class ManifoldMixup(_ForwardHooks, MixHandler):
     "Manifold Mixup (Verma et al. 2019, https://arxiv.org/abs/1806.05236): blend each sample with a partner at a place picked per batch"
     _stateattrs, per_sample_choice = MixHandler._stateattrs + ('_pending', '_places'), False # `MixChoice(per_sample=True)` cannot hold it: see below
     _places = None # (what they were found for, the places): found and probed once per model
@@ -257,17 +271,6 @@ class ManifoldMixup(MixHandler):
 
     _repr_args = ('alpha', 'module_list', 'use_input_mixup', 'p', 'stop_pct')
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._repr_args)})"
-
-    def _init_state(self):
-        self._drop_hooks()
-        super()._init_state()
-    def _drop_hooks(self):
-        pend = getattr(self, '_pending', None)
-        if pend is not None: pend.remove()
-        self._pending = None
-    def _learner(self):
-        "The learner this mixer trains with: its own, or that of the `MixChoice` that holds it"
-        return self.learn if self.learn is not None else self._choice.learn if self._choice is not None else None
 
     def places(self, model:nn.Module, xb=None) -> list[Place]:
         "The places this mixer picks from for `model` and the inputs `xb`: found, and probed, once for each model and kind of inputs"
@@ -320,14 +323,17 @@ class ManifoldMixup(MixHandler):
         lam = round_share(lam, floats + ([torch.empty(0, dtype=dt)] if dt in _half else []))
         mix_y = union_mix if self._label_mode() == 'union' else lerp_mix # dense targets blended (or their union), class indices kept
         ym = tuple(mix_y(y, perm, lam) if y.is_floating_point() else y for y in yb)
-        pend = self._pending = _Pending(place, perm, lam, tuple(yb), ym, {o.dtype for o in floats} | {dt})
-        pend.mix_y = mix_y
-        model, mod = learn.model, place.module
-        pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
-                        mod.register_forward_hook(_Hook(self, pend, 'output')) if place.kind == 'output'
-                        else mod.register_forward_pre_hook(_Hook(self, pend, 'input')),
-                        model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
+        pend = self._pending = _Pending(place=place, perm=perm, lam=lam, yb=tuple(yb), ym=ym, dtypes={o.dtype for o in floats} | {dt}, mix_y=mix_y)
+        self._hook_forward(learn.model, pend, place.kind, place.module, pre=place.kind == 'input')
         return (xb, ym), perm, label(lam)
+
+    def _in_forward(self, pend:_Pending, kind:str, args:tuple, out):
+        "At the picked place in the forward pass: the activation blended (for 'input', the module's arguments with the first blended)"
+        return self._blend(pend, out) if kind == 'output' else (self._blend(pend, args[0] if args else None), *args[1:])
+
+    def _not_run_once(self, pend:_Pending) -> str:
+        return (f"{type(self).__name__} picked {pend.place.name} for this batch, but it did not run in the model's forward pass, so nothing "
+                f"was mixed while the loss would be: {self._leave_out()}")
 
     def _blend(self, pend:_Pending, t) -> Tensor:
         "The activation `t` at the picked place, each sample blended with its partner's"

@@ -229,7 +229,7 @@ class SnapMix(MixHandler):
                                "lam and 1 - lam, but SnapMix's two weights need not sum to 1: use decoupled=0 with SnapMix")
 
     def _learner(self):
-        learn = self.learn if self.learn is not None else getattr(self._choice, 'learn', None)
+        learn = super()._learner()
         if learn is None: raise ValueError("SnapMix reads class activation maps from the learner's model: give it to a learner (cbs=SnapMix(), "
                                            "or in a MixChoice on one), and call show_batch on the learner's: learn.snap_mix.show_batch()")
         return learn

@@ -12,7 +12,7 @@ from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from .core import *
 from .callback import MixHandler
-from .manifold import _unwrap
+from .manifold import _unwrap, _Pending, _ForwardHooks
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
@@ -74,41 +74,8 @@ def attention_shares(
     "Share of the original: the attention on its own patches over the attention on all patches"
     return 1 - (attn * pasted).sum(1) / attn.sum(1)
 
-# %% ../nbs/10_transmix.ipynb #2e20119d
-class _Pending:
-    "One batch's share reading: the shares to write, the box mask, the targets, and the hooks that do it"
-    def __init__(self, attn:nn.Module, mask:Tensor, perm:Tensor, lam:Tensor, yb:tuple, ym:tuple):
-        self.attn, self.mask, self.perm, self.lam, self.yb, self.ym = attn, mask, perm, lam, yb, ym
-        self.area, self.started, self.calls, self.handles = lam.clone(), False, 0, []
-    def remove(self):
-        for h in self.handles: h.remove()
-        self.handles = []
-
-class _Hook:
-    "One of a batch's hooks: 'start' and 'end' on the model, 'qkv' on the attention's `qkv` layer; inert once its batch is over"
-    def __init__(self, mixer, pend:_Pending, kind:str): self.mixer, self.pend, self.kind = mixer, pend, kind
-    def __call__(self, module, args, out=None):
-        m, pend = self.mixer, self.pend
-        if m._pending is not pend: return pend.remove() # a stale hook (its batch is over): does nothing, and goes
-        if self.kind == 'start':
-            if pend.started: return m._drop_hooks() # a second forward pass: the batch's own was interrupted
-            learn = m._learner()
-            if learn is None or not learn.training or not args or args[0] is not learn.xb[0]: return # another forward pass
-            pend.started = True
-        elif self.kind == 'end':
-            if not pend.started: return
-            m._drop_hooks()
-            if out is not None and pend.calls != 1: raise RuntimeError( # `out` is None when the forward pass raised
-                f"TransMix reads the attention of {m._attn_name} ({type(pend.attn).__name__}), but its `qkv` layer ran {pend.calls} times in the "
-                "model's forward pass instead of once: give attn_module= an attention module the model runs once per forward pass")
-        elif pend.started:
-            pend.calls += 1
-            if pend.calls == 1:
-                try: m._read_shares(pend, out)
-                except BaseException: m._drop_hooks(); raise
-
 # %% ../nbs/10_transmix.ipynb #39fdc6e6
-class TransMix(MixHandler):
+class TransMix(_ForwardHooks, MixHandler):
     "TransMix (Chen et al. 2022, https://arxiv.org/abs/2111.09833): paste a box as CutMix, share the labels by the class token's attention on each image's patches"
     _stateattrs = MixHandler._stateattrs + ('_pending', '_found')
     per_sample_choice = False # the shares are written for the whole batch: `MixChoice(per_sample=False)` holds it
@@ -138,17 +105,6 @@ class TransMix(MixHandler):
             "q, k and v, and `num_heads`, as timm's Attention (ViT, DeiT) has")
         self.attn_module = attn_module
     __repr__ = basic_repr('alpha,p,per_sample,minmax,stop_pct,area_weight,attn_module')
-
-    def _init_state(self):
-        self._drop_hooks()
-        super()._init_state()
-    def _drop_hooks(self):
-        pend = getattr(self, '_pending', None)
-        if pend is not None: pend.remove()
-        self._pending = None
-    def _learner(self):
-        "The learner this mixer trains with: its own, or that of the `MixChoice` that holds it"
-        return self.learn if self.learn is not None else self._choice.learn if self._choice is not None else None
 
     @property
     def _attn_name(self) -> str: return repr(self._found[2]) if self._found else 'the attention module'
@@ -199,13 +155,19 @@ class TransMix(MixHandler):
         learn = self._learner()
         if learn is None: return (xm, ym), perm, lam # no model: the area shares
         attn = self.attention_module(learn.model)
-        pend = self._pending = _Pending(attn, mask, perm, lam, tuple(yb), ym)
-        if learn.training and xb is learn.xb: # the learner's own training batch: its forward pass follows
-            model = learn.model
-            pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')), attn.qkv.register_forward_hook(_Hook(self, pend, 'qkv')),
-                            model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
+        pend = self._pending = _Pending(attn=attn, mask=mask, perm=perm, lam=lam, area=lam.clone(), yb=tuple(yb), ym=ym)
+        if learn.training and xb is learn.xb: self._hook_forward(learn.model, pend, 'qkv', attn.qkv) # the learner's own training batch: its forward pass follows
         else: self._probe(learn.model, xm, pend) # show_batch, or a call by hand: one forward pass now, changing nothing
         return (xm, ym), perm, lam
+
+    def _in_forward(self, pend:_Pending, kind:str, args:tuple, out):
+        "At the attention's `qkv` layer in the forward pass: the shares read from its output, the first time it runs"
+        pend.calls += 1
+        if pend.calls == 1: self._read_shares(pend, out)
+
+    def _not_run_once(self, pend:_Pending) -> str:
+        return (f"TransMix reads the attention of {self._attn_name} ({type(pend.attn).__name__}), but its `qkv` layer ran {pend.calls} times in the "
+                "model's forward pass instead of once: give attn_module= an attention module the model runs once per forward pass")
 
     def _read_shares(self, pend:_Pending, qkv:Tensor):
         "Write the shares of this batch, from the output of the attention's `qkv` layer, into the batch's `lam` (and re-blend dense targets)"
