@@ -264,11 +264,11 @@ class MixHandler(Callback):
         return kw
 
     def left_alone(self) -> int:
-        "Samples of this epoch's training batches (so far) that had no possible partner under `partner`, and were left as they were; reading it waits for the GPU"
+        "Samples of this epoch's training batches (so far) that were their own partner under `partner` (none possible; with 'kernel', also drawn so), and were left as they were; reading it waits for the GPU"
         return 0 if self._alone is None else int(self._alone)
 
     def _count_alone(self, perm:Tensor, lam):
-        "Add the batch's samples that had no partner to the epoch's count, on the device (no sync)"
+        "Add the batch's samples that were their own partner to the epoch's count, on the device (no sync)"
         mask = self._policy_mask
         if (self.partner == 'random' and mask is None) or (isinstance(lam, float) and lam == 1): return
         own = _alone(perm)
@@ -533,16 +533,17 @@ class MixChoice(MixHandler):
 def train_class_counts(
     dls, # `DataLoaders` (their training one is read) or one `DataLoader`
 ) -> Tensor: # int64 (number of classes,): the training samples of each class index
-    "Count the class indices of the training data's first target: fastai `Datasets`, `TabularPandas`, a `TensorDataset`, or a dataset with `targets`"
+    "Count the class indices of the training data's first target: fastai `Datasets`, `TabularPandas`, a `TensorDataset`, a dataset with `targets`, or one that holds its labels as an array `y` (`ArrayImages`)"
     dl = dls.train if isinstance(dls, DataLoaders) else dls
     ds, n_inp = dl.dataset, getattr(dl, 'n_inp', 1)
     if hasattr(ds, 'tls') and len(ds.tls) > n_inp: y = [ds.tls[n_inp][i] for i in range(len(ds))] # the labels alone: no input is loaded
     elif hasattr(ds, 'ys') and hasattr(ds, 'y_names'): y = ds.ys[ds.y_names[0]].values # fastai's tabular data
     elif hasattr(ds, 'tensors'): y = ds.tensors[-1]
     elif hasattr(ds, 'targets'): y = ds.targets
+    elif isinstance(getattr(ds, 'y', None), (Tensor, np.ndarray)) and len(ds.y) == len(ds): y = ds.y # the labels held as one array (the project's `ArrayImages`): read as they are
     else: raise ValueError(f"Cannot read the class of each training sample from a {type(ds).__name__}: give the mixer class_counts=[...], "
                            "the number of training samples of each class index")
-    try: y = torch.as_tensor(np.asarray([int(o) for o in y]) if isinstance(y, list) else np.asarray(y) if not isinstance(y, Tensor) else y)
+    try: y = torch.as_tensor(np.asarray([int(o) for o in y]) if isinstance(y, list) else np.asarray(y) if not isinstance(y, Tensor) else y.as_subclass(Tensor))
     except (TypeError, ValueError): y = None
     if y is None or y.is_floating_point() or y.ndim != 1 or not len(y) or (y < 0).any(): raise ValueError(
         f"The first target of the training data ({type(ds).__name__}) does not hold one class index per sample, which partner='balanced' and "

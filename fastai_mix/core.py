@@ -390,19 +390,20 @@ def kernel_sigma(
     return float(_silverman(t, n or len(t)))
 
 def partner_logits(
-    y:Tensor, # The targets the policy reads: dense float (n, ...) for 'kernel', class indices (n,) for the others
+    y:Tensor, # The targets the policy reads: dense float (n, ...) for 'kernel', class indices (n,) of any integer dtype for the others
     partner:str, # 'kernel', 'balanced', 'same_class' or 'other_class'
     sigma:float|str='auto', # Bandwidth of 'kernel'
     class_counts:Tensor|None=None, # float32 count of each class, on `y`'s device, for 'balanced'
-) -> Tensor: # float32 (n, n): log of the weight of sample j as the partner of sample i; -inf where j cannot be, always on the diagonal
+) -> Tensor: # float32 (n, n): log of the weight of sample j as the partner of sample i; -inf where j cannot be, and on the diagonal but for 'kernel'
     "Each sample's log-weights over its partners: P(j | i) is the softmax of row i"
     n = len(y)
-    if partner == 'kernel':
+    if partner == 'kernel': # C-Mixup's rates: the sample itself included, at distance 0 (its highest weight), as the official code
         t = y.reshape(n, -1).float()
         d2 = torch.cdist(t[None], t[None], compute_mode='donot_use_mm_for_euclid_dist')[0].square() # exact: 0 between equal targets
         s = _silverman(t, n) if sigma == 'auto' else torch.tensor(float(sigma))
-        logits = -d2 / (2 * s.square()).clamp(min=torch.finfo(torch.float32).tiny) # equal targets only (s = 0): all 0, uniform
-    elif partner == 'balanced': logits = (-class_counts.log())[y].expand(n, n).clone() # partner j weighs 1/count of its class
+        return -d2 / (2 * s.square()).clamp(min=torch.finfo(torch.float32).tiny) # equal targets only (s = 0): all 0, uniform
+    y = y.long() # any integer class index (fastai's tabular targets are int8; uint8 would index as a mask); no copy for int64
+    if partner == 'balanced': logits = (-class_counts.log())[y].expand(n, n).clone() # partner j weighs 1/count of its class
     else:
         same = y[:, None] == y[None]
         logits = torch.zeros(n, n, device=y.device).masked_fill(~same if partner == 'same_class' else same, -math.inf)
@@ -416,7 +417,7 @@ def draw_partners(
     class_counts:Tensor|None=None, # float32 count of each class, on the batch's device, for 'balanced'
     device=None, # Device of the batch
     generator:torch.Generator|None=None, # Generator on `device`
-) -> Tensor: # int64 (n,): the partner of each sample; with a policy, a sample with no possible partner is its own (only then)
+) -> Tensor: # int64 (n,): the partner of each sample; a class policy makes a sample its own only when it has no possible partner, 'kernel' also draws it
     "Draw each sample's partner: a random permutation, or by `partner`'s weights, all rows at once on the device (no sync, no loop)"
     if partner == 'random': return torch.randperm(n, device=device, generator=generator)
     logits = partner_logits(y, partner, sigma, class_counts)
@@ -427,13 +428,14 @@ def draw_partners(
 
 def remix_shares(
     lam:float|Tensor, # Share of each sample in the mixed inputs: one float, or one per sample
-    y:Tensor, # Class indices (n,)
+    y:Tensor, # Class indices (n,), of any integer dtype
     perm:Tensor, # Partner of each sample
     class_counts:Tensor, # float32 count of each class in the training data, on `y`'s device
     kappa:float=3.0, # Counts that differ by this factor or more make one class the minority
     tau:float=0.5, # A sample of the majority class whose share is below `tau` loses its label to its partner
 ) -> Tensor: # float32 (n,): the share of each sample's own label
     "Remix's label shares (Chou et al. 2020): the whole label to the minority class where the counts differ by `kappa` and the majority's share is below `tau`"
+    y = y.long() # any integer class index (fastai's tabular targets are int8; uint8 would index as a mask)
     n_i, n_j = class_counts[y], class_counts[y[perm]]
     lam = lam.float() if isinstance(lam, Tensor) else torch.full((len(y),), float(lam), device=y.device)
     return torch.where((n_i >= kappa * n_j) & (lam < tau), 0., torch.where((kappa * n_i <= n_j) & (1 - lam < tau), 1., lam))
@@ -879,10 +881,17 @@ class MixCollate:
         except (TypeError, ValueError): sig = None # no signature to read: the first batch will tell
         try: sig and sig.bind_partial(None, **kwargs)
         except TypeError as e: raise TypeError(f"MixCollate passes {sorted(kwargs)} to {getattr(mix, '__name__', mix)!r}, which refuses them: {e}") from None
-        pol = {k: v for k, v in kwargs.items() if k in ('partner', 'remix') and v not in ('random', None)}
-        if num_classes is not None and pol and kwargs.get('partner') != 'kernel': raise ValueError(
-            f"MixCollate(num_classes={num_classes}) turns class indices into one-hot float targets before the mix, but {pol} reads class indices: "
-            "leave num_classes out (class-index batches then come as (x, y, y[perm], lam) for `mix_loss`)")
+        part = mix.keywords if isinstance(mix, functools.partial) else {} # a partial's options are checked as MixCollate's own
+        opts = {k: kwargs[k] if k in kwargs else part[k] for k in ('partner', 'sigma', 'class_counts', 'remix') if k in kwargs or k in part}
+        if opts: # the partner options together, as the mix will get them, before any batch
+            partner, _, _, remix = check_partner(**opts)
+            pol = {k: v for k, v in (('partner', partner), ('remix', remix)) if v not in ('random', None) and partner != 'kernel'}
+            if num_classes is not None and pol:
+                where = {k: 'MixCollate' if k in kwargs else f"the functools.partial of {getattr(mix.func, '__name__', mix.func)}" for k in pol}
+                raise ValueError(
+                    f"MixCollate(num_classes={num_classes}) turns class indices into one-hot float targets before the mix, but "
+                    + ' and '.join(f"{k}={v!r} (given to {where[k]})" for k, v in pol.items()) + " reads class indices: leave num_classes out "
+                    "(class-index batches then come as (x, y, y[perm], lam) for `mix_loss`)")
         self.mix, self.num_classes, self.collate_fn, self.kwargs = mix, num_classes, collate_fn or default_collate, kwargs
 
     def _soft(self, y:Tensor, ref:Tensor) -> Tensor:
@@ -921,9 +930,14 @@ class MixCollate:
 
     def __call__(self, samples) -> tuple: # (x, mixed y) for dense targets and masks; (x, y, y[perm], lam) for class indices
         x, y = self.collate_fn(samples)
-        ref = _inputs(x, None, 'MixCollate')[2]
+        ref, y0 = _inputs(x, None, 'MixCollate')[2], y
         if self.num_classes is not None: y = self._soft(y, ref)
         g = self._generator()
-        (x, ym), perm, lam = self.mix(x, y=y, **(self.kwargs | ({'generator': g} if g is not None else {})))
+        try: (x, ym), perm, lam = self.mix(x, y=y, **(self.kwargs | ({'generator': g} if g is not None else {})))
+        except ValueError as e: # a mix that refuses the targets names those it got: say they are MixCollate's one-hot, not the user's
+            if y is y0: raise
+            what = 'class indices' if y0.ndim == 1 or tuple(y0.shape[1:]) == (1,) else 'integer one-hot targets'
+            raise ValueError(f"MixCollate(num_classes={self.num_classes}) turned the batch's {what} ({y0.dtype}, shape {tuple(y0.shape)}) into "
+                             f"one-hot float targets {tuple(y.shape)} before the mix, and the mix refused them: {e}") from e
         index = not y.is_floating_point() and not is_mask(y, len(ref), ref.shape[2:])
         return (x, y, gather(y, perm), lam) if index else (x, ym)

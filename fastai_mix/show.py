@@ -176,6 +176,7 @@ def show_batch(self:MixHandler,
         alone = perm.cpu() == torch.arange(len(perm))
         pcts[alone] = 100 # a sample mixed with itself is all itself
         policy = getattr(self, 'partner', 'random') != 'random' or any(getattr(m, 'partner', 'random') != 'random' for m in getattr(self, 'mixers', ()))
+        kernel = 'kernel' in (getattr(self, 'partner', None), *(getattr(m, 'partner', None) for m in getattr(self, 'mixers', ()))) # C-Mixup draws a sample itself
         pcts1 = None if lam1 is None else (lam1.detach().double().cpu() * 100).round().int().masked_fill(alone, 0)
         if isinstance(dl.dataset, Tabular): # fastai's tabular data: a batch decodes to one table, shown as a table (as `dls.show_batch()`)
             df = _table(*(dl.decode(tuple(o[:n] for o in b)) for b in (own, other)), pcts[:n])
@@ -198,9 +199,10 @@ def show_batch(self:MixHandler,
         else: title = f"{pct}% + {100 - pct}%" if pct < 100 else ''
         unite = u is not None and ys and pct < 100 # label_mode='union': the labels the loss sees, over where they came from
         if unite: title = f"{'/'.join(map(label_str, [t for t, mk in zip(u[dl.n_inp:], masks) if not mk]))}\n= {title}"
-        if policy and alone[i]: title += '\n(no partner: left alone)'
+        if policy and alone[i]: title += f"\n({'its own partner' if kernel else 'no partner'}: left alone)"
         elif getattr(self, 'remix', None) is not None and pct in (0, 100) and not alone[i]: title += '\n(Remix: the whole label to one)'
         if title: ax.set_title(title, **(dict(fontsize='small') if unite else {}))
-    if policy: fig.suptitle(f"partner={getattr(self, 'partner', 'random')!r}: {int(alone[:n].sum())} of {n} shown left alone (no possible partner)", fontsize='small')
+    if policy: fig.suptitle(f"partner={getattr(self, 'partner', 'random')!r}: {int(alone[:n].sum())} of {n} shown left alone "
+                            f"({'drawn as their own partner' if kernel else 'no possible partner'})", fontsize='small')
     fig.tight_layout()
     return None if show else fig

@@ -38,14 +38,14 @@ def test_kernel_matches_its_law():
     assert mc[0] > mc[1] > mc[2], (exact, mc)
 
 def test_kernel_rows_follow_the_weights():
-    "Each sample's partner frequencies against exp(-d^2 / 2 sigma^2), normalised over j != i"
+    "Each sample's partner frequencies against exp(-d^2 / 2 sigma^2), normalised over every j, i itself included (C-Mixup's rates)"
     y, g, k = Y_REG[:5].view(5, 1), torch.Generator().manual_seed(1), 1500
     perms = torch.stack([draw_partners(5, y, 'kernel', .5, generator=g) for _ in range(k)])
     d2 = (y - y.T).square()
-    w = torch.exp(-d2 / (2 * .5**2)).fill_diagonal_(0)
+    w = torch.exp(-d2 / (2 * .5**2))
     P = w / w.sum(1, keepdim=True)
     freq = torch.stack([torch.bincount(perms[:, i], minlength=5) for i in range(5)]).double() / k
-    assert (freq.diagonal() == 0).all()
+    assert (freq.diagonal() > 0).all() # itself, drawn
     assert ((freq - P).abs() <= 6 * (P * (1 - P) / k).sqrt() + 1e-9).all(), (freq, P)
 
 def test_sigma_auto_and_kernel_sigma():
@@ -55,7 +55,7 @@ def test_sigma_auto_and_kernel_sigma():
     close_(s, 1.06 * y.std().item() * 64 ** -.2, eps=1e-4)
     close_(kernel_sigma(y * 3, 64), 3 * s, eps=1e-4)
     close_(partner_logits(y, 'kernel').softmax(1), partner_logits(y, 'kernel', s).softmax(1), eps=1e-4)
-    eq_(partner_logits(torch.ones(4), 'kernel').softmax(1)[0], torch.tensor([0., 1/3, 1/3, 1/3])) # equal targets: uniform, no NaN
+    eq_(partner_logits(torch.ones(4), 'kernel').softmax(1)[0], torch.full((4,), 1/4)) # equal targets: uniform (itself included), no NaN
 
 def test_same_and_other_class_exact():
     "same_class: always the same class, alone exactly where the class has one sample; other_class: never the same class"
@@ -283,3 +283,184 @@ def test_cuda_no_sync():
             f(x, y=y, partner='balanced', class_counts=torch.tensor([4., 3., 2., 1.], device='cuda'), remix=(3, .5))
             f(x, y=torch.rand(16, 2, device='cuda'), partner='kernel')
     finally: torch.cuda.set_sync_debug_mode('default')
+
+# ---------------------------------------------------------------- issue 29: C-Mixup's self-pairs, any integer class dtype, MixCollate's partials, ArrayImages
+def c_mixup_rates(y, bandwidth):
+    "C-Mixup's own sample rates (huaxiuyao/C-Mixup, src/algorithm.py, `get_mixup_sample_rate`, use_kde): for each i a Gaussian KDE fit on y_i, scored on every y_j (itself included), normalised"
+    import numpy as np
+    from sklearn.neighbors import KernelDensity
+    data = torch.as_tensor(y, dtype=torch.float32).reshape(len(y), -1).numpy()
+    rows = []
+    for i in range(len(data)):
+        each = np.exp(KernelDensity(kernel='gaussian', bandwidth=bandwidth).fit(data[i].reshape(-1, data.shape[1])).score_samples(data))
+        rows.append(each / each.sum())
+    return torch.tensor(np.array(rows))
+
+@pytest.mark.parametrize('y,sigma', [(Y_REG, .5), (Y_REG, 2.), (Y_REG.view(5, 2), 1.), (torch.tensor([0., .1, .2, 9.]), .3)])
+def test_kernel_rates_are_c_mixups(y, sigma):
+    "partner='kernel' draws with C-Mixup's rates, the sample itself included (distance 0: its highest rate); 'auto' with Silverman's bandwidth"
+    P = partner_logits(y, 'kernel', sigma).softmax(1).double()
+    close_(P, c_mixup_rates(y, sigma), eps=1e-6)
+    assert (P.diagonal() >= P.max(1).values - 1e-12).all() # itself, at the highest rate
+    auto = kernel_sigma(y, len(y)) if y.ndim == 1 else None
+    if auto is not None: close_(partner_logits(y, 'kernel').softmax(1).double(), c_mixup_rates(y, auto), eps=1e-5)
+
+def test_kernel_far_sample_stays_itself():
+    "A sample far from every other mostly stays itself (C-Mixup), instead of being forced onto its nearest neighbour; the draws follow the rates"
+    y, g, k = torch.tensor([0., .1, .2, .3, 9.]), torch.Generator().manual_seed(0), 2000
+    perms = torch.stack([draw_partners(5, y, 'kernel', .3, generator=g) for _ in range(k)])
+    eq_((perms[:, 4] == 4).all(), True) # exp(-8.7**2 / 0.18): never anyone else
+    P = c_mixup_rates(y, .3)
+    freq = torch.stack([torch.bincount(perms[:, i], minlength=5) for i in range(5)]).double() / k
+    assert ((freq - P).abs() <= 6 * (P * (1 - P) / k).sqrt() + 1e-9).all(), (freq, P)
+
+def reg_image_learner(cbs, n=24, bs=12):
+    "Images with one-hot float targets (dense: the kernel reads them), cross-entropy on soft targets; a hidden place '1' for ManifoldMixup"
+    learn = synth_learner(cbs=cbs, n=n, bs=bs, c=4, multi_label=True, loss_func=nn.CrossEntropyLoss())
+    learn.model = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    return learn
+
+@pytest.mark.parametrize('name', list(MIXERS))
+def test_every_mixer_kernel_self_pairs(name):
+    "Through a learner with partner='kernel': a sample drawn as its own partner is left exactly as it was (inputs and targets), with a share of 1, and counted"
+    spy = MixSpy()
+    set_seed(0)
+    mixer = MIXERS[name](partner='kernel', sigma=.5)
+    learn = reg_image_learner([mixer, spy])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0)
+    n_alone = 0
+    for r in spy.records:
+        alone = own(r['perm'])
+        n_alone += int(alone.sum())
+        if name not in ('manifold', 'output'): eq_(r['xm'][alone], r['x'][alone])
+        eq_(r['ym'][0][alone], r['y'][0][alone]) # a target blended with itself: its own
+        if isinstance(r['lam'], torch.Tensor) and name != 'choice-ps': assert (r['lam'][alone] == 1).all()
+    assert n_alone > 0 # C-Mixup draws a sample itself at its highest rate
+    eq_(mixer.left_alone(), n_alone)
+
+def test_kernel_refused_on_class_indices_snapmix_transmix():
+    "SnapMix and TransMix read class indices: partner='kernel' is refused there at the first batch, as on every mixer"
+    from fastai_mix import SnapMix
+    with pytest.raises(ValueError, match="partner='kernel' draws partners by the distance"):
+        SnapMix(partner='kernel')._draw_partners(torch.tensor([0, 1, 0, 1]), 'cpu')
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32]
+
+@pytest.mark.parametrize('dtype', INT_DTYPES)
+def test_policies_take_any_integer_class_dtype(dtype):
+    "Every policy and Remix take class indices of any integer dtype (fastai's tabular targets are int8): the same draws and shares as int64"
+    y64, counts = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0, 0, 1, 0, 2]), torch.tensor([60., 20., 5.])
+    y = y64.to(dtype)
+    for partner in ('balanced', 'same_class', 'other_class'):
+        cc = counts if partner == 'balanced' else None
+        eq_(partner_logits(y, partner, class_counts=cc), partner_logits(y64, partner, class_counts=cc))
+        eq_(draw_partners(12, y, partner, class_counts=cc, generator=torch.Generator().manual_seed(1)),
+            draw_partners(12, y64, partner, class_counts=cc, generator=torch.Generator().manual_seed(1)))
+    perm, lam = torch.tensor([4, 0, 6, 1, 2, 3, 5, 8, 7, 11, 10, 9]), torch.linspace(.05, .95, 12)
+    eq_(remix_shares(lam, y, perm, counts), remix_shares(lam, y64, perm, counts))
+    x = torch.rand(12, 3, 6, 6)
+    for f, kw in [(mixup, {}), (cutmix, {}), (cutmix, dict(per_sample=True)), (resizemix, {}), (fmix, dict(per_sample=True))]:
+        for opts in (dict(partner='balanced', class_counts=[60, 20, 5]), dict(remix=(3, .5), class_counts=[60, 20, 5]), dict(partner='same_class')):
+            a = f(x, y=y, generator=torch.Generator().manual_seed(2), **kw, **opts)
+            b = f(x, y=y64, generator=torch.Generator().manual_seed(2), **kw, **opts)
+            eq_(a[1], b[1]); eq_(a[0][0], b[0][0]); eq_(a[2], b[2]); eq_(a[0][1].dtype, dtype) # the targets come back as given
+    a, b = (MixCollate(mixup, partner='balanced', class_counts=[60, 20, 5], remix=(3, .5), generator=torch.Generator().manual_seed(3))(list(zip(x, t)))
+            for t in (y, y64))
+    eq_(a[1].dtype, dtype); eq_(a[2].long(), b[2]); eq_(a[3], b[3]) # the partners' classes and Remix's shares as with int64
+
+def tabular_int8_dls(n=64, bs=16):
+    "fastai tabular data with a categorical target, which fastai stores as int8 codes; 'rare' is a fifth of the rows"
+    import pandas as pd
+    from fastai.tabular.core import TabularPandas
+    from fastai.data.block import CategoryBlock
+    from fastai.tabular.core import Normalize, Categorify
+    import numpy as np
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({'a': rng.normal(size=n), 'b': rng.normal(size=n), 'k': rng.choice(['u', 'v'], n),
+                       'y': np.where(np.arange(n) % 5 == 0, 'rare', np.where(np.arange(n) % 2 == 0, 'even', 'odd'))})
+    to = TabularPandas(df, procs=[Categorify, Normalize], cat_names=['k'], cont_names=['a', 'b'], y_names='y', y_block=CategoryBlock(),
+                       splits=(list(range(n - 16)), list(range(n - 16, n))))
+    return to.dataloaders(bs=bs)
+
+@pytest.mark.parametrize('mixer', [lambda: MixUp(partner='balanced'), lambda: MixUp(remix=(3, .5)), lambda: MixUp(partner='other_class', remix=(2, .5)),
+                                   lambda: MixUp(partner='same_class'), lambda: ManifoldMixup(partner='balanced', remix=(3, .5)),
+                                   lambda: OutputMixup(partner='balanced'), lambda: OutputMixup(), lambda: ManifoldMixup(),
+                                   lambda: MixChoice([MixUp(), ManifoldMixup()], partner='balanced')])
+def test_tabular_int8_targets_fit(mixer):
+    "A real TabularLearner whose categorical target fastai gives as int8: the policies, Remix, ManifoldMixup and OutputMixup fit, counting from the table"
+    from fastai.tabular.learner import tabular_learner
+    from fastai_mix.callback import mixes_loss, check_targets
+    dls = tabular_int8_dls()
+    _, _, yb = dls.one_batch()
+    eq_(yb.dtype, torch.int8)
+    assert mixes_loss((yb,), (torch.rand(len(yb), 2),)); check_targets((yb,))
+    spy, m = MixSpy(), mixer()
+    learn = tabular_learner(dls, layers=[8], cbs=[m, spy])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert all(math.isfinite(v) for v in learn.recorder.losses)
+    assert spy.records and all(r['y'][0].dtype == torch.int8 for r in spy.records)
+    if m.partner == 'balanced' or m.remix is not None:
+        eq_(m._counts[1], torch.bincount(torch.as_tensor(dls.train_ds.ys['y'].values).long(), minlength=3).float())
+
+def test_collate_partial_checked_when_made():
+    "MixCollate checks a partial's partner options as it checks its own keyword arguments: when it is made, naming what the user gave"
+    from functools import partial
+    from torch.utils.data import DataLoader, TensorDataset
+    for f, kw in [(mixup, dict(partner='balanced', class_counts=[1, 2, 3])), (cutmix, dict(remix=(3, .5), class_counts=[1, 2, 3])),
+                  (resizemix, dict(partner='same_class'))]:
+        with pytest.raises(ValueError, match=r"num_classes=3.*reads class indices"): MixCollate(partial(f, **kw), num_classes=3)
+        with pytest.raises(ValueError, match=r"num_classes=3.*reads class indices"): MixCollate(f, num_classes=3, **kw)
+    with pytest.raises(ValueError, match="partner must be one of"): MixCollate(partial(mixup, partner='nearest'))
+    with pytest.raises(ValueError, match="partner must be one of"): MixCollate(mixup, partner='nearest')
+    with pytest.raises(ValueError, match="they do nothing"): MixCollate(partial(cutmix, class_counts=[1, 2]))
+    with pytest.raises(ValueError, match="do not go together"): MixCollate(partial(mixup, partner='kernel'), remix=(3, .5))
+    ds = TensorDataset(torch.rand(16, 3, 6, 6), torch.tensor([0, 1, 2, 0] * 4))
+    x, y, y1, lam = next(iter(DataLoader(ds, batch_size=8, collate_fn=MixCollate(partial(mixup, partner='balanced', class_counts=[4, 4, 4])))))
+    eq_(y1.shape, y.shape) # without num_classes: (x, y, y[perm], lam)
+    x, y = next(iter(DataLoader(ds, batch_size=8, collate_fn=MixCollate(partial(mixup, partner='kernel'), num_classes=3)))) # one-hot floats: the kernel reads them
+    eq_(y.shape, (8, 3))
+
+def test_collate_first_batch_error_names_num_classes():
+    "A mix function MixCollate cannot read (here a lambda) that refuses the one-hot targets num_classes made: the error says MixCollate made them"
+    x, y = torch.rand(8, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mc = MixCollate(lambda x, y, **k: mixup(x, y=y, partner='balanced', class_counts=[1, 2, 3], **k), num_classes=3)
+    with pytest.raises(ValueError, match=r"MixCollate\(num_classes=3\) turned the batch's class indices \(torch.int64, shape \(8,\)\) into one-hot float targets \(8, 3\)") as e:
+        mc(list(zip(x, y)))
+    assert "partner='balanced' pairs by class" in str(e.value)
+
+def array_images(n, c=3, seed=0, size=8):
+    "Imbalanced ArrayImages: class k holds about twice as many images as class k+1"
+    from fastai_mix.data import ArrayImages
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(([0] * 4 + [1] * 2 + [2]) * (n // 7 + 1))[:n]
+    return ArrayImages(torch.randint(0, 256, (n, size, size), generator=g, dtype=torch.uint8), y, [f'c{i}' for i in range(c)])
+
+def test_train_class_counts_array_images(monkeypatch):
+    "train_class_counts reads the project's ArrayImages (what --data fashion-mnist trains on) from its label tensor, without loading an image"
+    from fastai_mix.data import ArrayImages, array_dls
+    train, valid = array_images(70), array_images(14, seed=1)
+    dls = array_dls(train, valid, bs=16, device='cpu')
+    monkeypatch.setattr(ArrayImages, '__getitem__', lambda self, i: pytest.fail('an image was loaded'))
+    expected = torch.bincount(train.y.as_subclass(torch.Tensor), minlength=3)
+    eq_(train_class_counts(dls), expected); eq_(train_class_counts(dls.train), expected)
+    eq_(type(train_class_counts(dls)), torch.Tensor)
+    empty = ArrayImages(torch.zeros(4, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ['a', 'b', 'c']) # a class with no image still counts
+    eq_(train_class_counts(array_dls(empty, valid, bs=2, device='cpu')), torch.tensor([2, 2, 0]))
+
+def test_fit_balanced_on_array_dls():
+    "A Learner on array_dls fits with CutMix(partner='balanced') without class_counts: the counts come from the training images' labels"
+    from fastai.learner import Learner
+    from fastai_mix.data import array_dls
+    train, valid = array_images(70), array_images(14, seed=1)
+    dls = array_dls(train, valid, bs=16, device='cpu')
+    learn = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), cbs=CutMix(partner='balanced'))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert all(math.isfinite(v) for v in learn.recorder.losses)
+    eq_(learn.cut_mix._counts[1], torch.bincount(train.y.as_subclass(torch.Tensor), minlength=3).float())
+
+def test_show_batch_kernel_self_pairs():
+    "show_batch says a sample the kernel drew as its own partner was left alone as its own partner, not for want of one"
+    dls = synth_dls(n=16, bs=8, c=4, multi_label=True)
+    fig = MixUp(partner='kernel', sigma=.5).show_batch(dls, max_n=8, seed=0, show=False)
+    assert "left alone (drawn as their own partner)" in fig._suptitle.get_text()
+    assert any('its own partner: left alone' in ax.get_title() for ax in fig.axes)
