@@ -890,7 +890,7 @@ class MixCollate:
                 where = {k: 'MixCollate' if k in kwargs else f"the functools.partial of {getattr(mix.func, '__name__', mix.func)}" for k in pol}
                 raise ValueError(
                     f"MixCollate(num_classes={num_classes}) turns class indices into one-hot float targets before the mix, but "
-                    + ' and '.join(f"{k}={v!r} (given to {where[k]})" for k, v in pol.items()) + " reads class indices: leave num_classes out "
+                    + ' and '.join(f"{k}={v!r} (given to {where[k]})" for k, v in pol.items()) + f" read{'s' * (len(pol) == 1)} class indices: leave num_classes out "
                     "(class-index batches then come as (x, y, y[perm], lam) for `mix_loss`)")
         self.mix, self.num_classes, self.collate_fn, self.kwargs = mix, num_classes, collate_fn or default_collate, kwargs
 

@@ -359,6 +359,8 @@ def test_policies_take_any_integer_class_dtype(dtype):
     perm, lam = torch.tensor([4, 0, 6, 1, 2, 3, 5, 8, 7, 11, 10, 9]), torch.linspace(.05, .95, 12)
     eq_(remix_shares(lam, y, perm, counts), remix_shares(lam, y64, perm, counts))
     x = torch.rand(12, 3, 6, 6)
+    from fastai_mix.callback import mixes_loss
+    assert mixes_loss((y,), (x,)) and mixes_loss((y,), (x[:, :, 0, 0],)) # class indices, for images and tables: their loss is mixed
     for f, kw in [(mixup, {}), (cutmix, {}), (cutmix, dict(per_sample=True)), (resizemix, {}), (fmix, dict(per_sample=True))]:
         for opts in (dict(partner='balanced', class_counts=[60, 20, 5]), dict(remix=(3, .5), class_counts=[60, 20, 5]), dict(partner='same_class')):
             a = f(x, y=y, generator=torch.Generator().manual_seed(2), **kw, **opts)
