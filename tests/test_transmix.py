@@ -462,3 +462,34 @@ def test_models_refused(case):
     eq_(spy.records, []); eq_(hooks(model), {}); assert learn.loss_func is lf
     if case == 'swin': # and given as the module, when made
         with pytest.raises(TypeError, match='WindowAttention is not an attention module TransMix reads'): TransMix(attn_module=model.layers[0].blocks[0].attn)
+
+SYNCS = ('item', 'tolist', '__bool__', '__int__', '__float__', '__index__')
+
+def raise_on_sync(monkeypatch, obj, name):
+    "Wrap `obj.name` so that while it runs, the tensor methods that wait on the GPU (`.item()`, `bool(t)`, ...) raise: a CPU probe of the no-host-sync promise"
+    f = getattr(obj, name)
+    def wrapped(*args, **kwargs):
+        old = {k: getattr(torch.Tensor, k) for k in SYNCS}
+        def refuse(k):
+            def g(self, *a, **kw): raise AssertionError(f'host sync: Tensor.{k} in {name}')
+            return g
+        try:
+            for k in SYNCS: setattr(torch.Tensor, k, refuse(k))
+            return f(*args, **kwargs)
+        finally:
+            for k, v in old.items(): setattr(torch.Tensor, k, v)
+    monkeypatch.setattr(obj, name, wrapped)
+
+@pytest.mark.parametrize('planted', [False, True], ids=['transmix', 'planted'])
+def test_no_host_sync_probe(monkeypatch, planted):
+    "On the CPU: the pasting and the share reading of a training step (per sample, pooled by the class token and pixel-weighed) call no tensor method that waits on the GPU; a planted `.item()` is caught"
+    import fastai_mix.transmix as tm
+    if planted:
+        shares = tm.attention_shares
+        monkeypatch.setattr(tm, 'attention_shares', lambda a, p, px=None: shares(a, p, px) * (1 + 0 * (a.sum().item())))
+    raise_on_sync(monkeypatch, TransMix, 'mix'); raise_on_sync(monkeypatch, TransMix, '_in_forward')
+    learn = vit_learner(cbs=TransMix(per_sample=True))
+    if planted:
+        with pytest.raises(AssertionError, match=r'host sync: Tensor.item in _in_forward'): learn.fit(1)
+    else: learn.fit(1)
+    eq_(hooks(learn.model), {})
