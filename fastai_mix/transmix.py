@@ -104,6 +104,7 @@ def patch_mask(
     how:str='pixels', # 'pixels': the pasted pixels of each patch; 'nearest': 1 for a patch the official code counts as pasted, else 0
 ) -> Tensor: # float32 (n, rows * columns)
     "How much of each patch was pasted: its pasted pixels, or as TransMix's official code (`nn.Upsample(size=grid)`, nearest: each patch as one pixel of the image)"
+    if how not in ('pixels', 'nearest'): raise ValueError(f"how must be 'pixels' or 'nearest', got {how!r}")
     grid = patch_grid(mask.shape[1:], patch_size, pad)
     if how == 'nearest': return F.interpolate(mask[:, None].float(), size=grid, mode='nearest')[:, 0].flatten(1)
     return _on_patches(mask.float(), patch_size, grid)
