@@ -4,8 +4,8 @@
     .venv/bin/python bench/transmix_cost.py --cuda     # on a GPU
 
 A training step (forward, mixed loss, backward, optimizer step) of a fastai `Learner` on one fixed batch, with CutMix,
-with TransMix (class token: one attention row recomputed per sample) and with TransMix on the same ViT pooled by the
-mean of its tokens (no class token: the full attention matrix recomputed). The mixers alternate in rounds, so a
+with TransMix (class token: the last block's attention run once more, unfused and without gradients, for its matrix) and
+with TransMix on the same ViT pooled by the mean of its tokens (no class token: the mean of the patch tokens' rows). The mixers alternate in rounds, so a
 change of the machine's load falls on all of them; the report gives the median step time of each and its ratio to
 CutMix's. On the CPU the time is the process's CPU time (one torch thread), so a shared machine's load does not count;
 on a GPU it is the wall time between synchronisations. Report: bench/results/transmix_cost.md."""
@@ -70,8 +70,8 @@ if __name__ == '__main__':
             f"the demo's small ViT (timm, {a.size} px, patches of 4 px: {(a.size // 4) ** 2} patches, width 64, 4 blocks of 4 heads), "
             f"batch {a.bs}, a fastai training step (forward, mixed loss, backward, Adam step), {'wall time' if a.cuda else 'CPU time of the process'}; median of {a.rounds} rounds × {a.steps} steps, "
             "the mixers alternating.\n\n| mixer | ms per step | vs CutMix on the same ViT |\n|---|---:|---:|\n" + '\n'.join(rows) + "\n\n"
-            "TransMix's extra work: the hook on the last block's `qkv` layer recomputes the class token's attention row (for the pooled ViT, "
-            "the whole attention matrix: its mean over the patch queries), and `cutmix` pastes an int32 map of each pixel's sample along "
-            "with the images, to read the box back.\n")
+            "TransMix's extra work: the hook on the last block's attention module runs it once more without gradients and unfused, to read "
+            "the attention matrix the model computes (the class token's row; for the pooled ViT, the mean over the patch queries), weighs "
+            "the patches by the pixels pasted, and `cutmix` pastes an int32 map of each pixel's sample along with the images, to read the box back.\n")
     a.out.parent.mkdir(parents=True, exist_ok=True); a.out.write_text(text)
     print(text)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_transmix.ipynb #f925edf2
 from __future__ import annotations
-import math
+import math, functools, importlib
 from collections.abc import Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
@@ -12,74 +12,172 @@ from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from .core import *
 from .callback import MixHandler
-from .manifold import _unwrap, _Pending, _ForwardHooks
+from .manifold import _unwrap, _Pending, _Hook, _ForwardHooks
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
-__all__ = ['is_attention', 'token_layout', 'patch_attention', 'patch_grid', 'patch_mask', 'attention_shares', 'TransMix']
+__all__ = ['is_attention', 'token_layout', 'patch_embedding', 'patch_grid', 'patch_mask', 'patch_pixels', 'patch_attention',
+           'attention_shares', 'attention_matrix', 'TransMix']
 
 # %% ../nbs/10_transmix.ipynb #a81ac018
+@functools.cache
+def _timm_attention() -> tuple:
+    "timm's attention modules that TransMix reads (those this timm has): self-attention of every token over every token, with `fused_attn` and `attn_drop`"
+    found = []
+    for mod, name in (('timm.layers', 'Attention'), ('timm.models.vision_transformer', 'Attention'), ('timm.layers', 'AttentionRope'),
+                      ('timm.models.eva', 'EvaAttention'), ('timm.models.beit', 'Attention')):
+        try: found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError): pass
+    return tuple(dict.fromkeys(found))
+
+_READS = ("timm's Attention (ViT, DeiT), AttentionRope, EvaAttention (EVA, EVA-02, the vit_*_rope_* models) and BEiT's Attention, "
+          "or a module of your own with `num_heads` that passes its softmaxed attention (n, heads, tokens, tokens) through an `attn_drop` module")
+
+def _is_timm(m) -> bool: return type(m).__module__.startswith('timm.')
+
 def is_attention(m:nn.Module) -> bool:
-    "Whether `m` is an attention module TransMix can read: one linear layer `qkv` giving q, k and v, and `num_heads` (timm's `Attention`, as in ViT and DeiT)"
-    return isinstance(getattr(m, 'qkv', None), nn.Linear) and isinstance(getattr(m, 'num_heads', None), int)
+    "Whether TransMix reads the attention matrix `m` computes: timm's `Attention`, `AttentionRope`, `EvaAttention` or BEiT's `Attention`; a module of your own with `num_heads` and `attn_drop`"
+    if _is_timm(m): return type(m) in _timm_attention()
+    return isinstance(getattr(m, 'attn_drop', None), nn.Module) and isinstance(getattr(m, 'num_heads', None), int)
+
+def _not_read(m:nn.Module, what:str='') -> str:
+    "Why TransMix cannot read `m`"
+    why = ('its attention is not one matrix over all the image\'s patches (Swin\'s windowed attention, pooling or cross-covariance attention '
+           'are not read)' if _is_timm(m) else 'it has no `attn_drop` module and `num_heads`')
+    return f"{what or 'attn_module: '}{type(m).__name__} is not an attention module TransMix reads: {why}. TransMix reads {_READS}"
 
 def token_layout(model:nn.Module) -> tuple[int, str]:
-    "(the number of tokens before the patches, 'token' or 'avg'): how `model` pools its tokens, read from timm's `num_prefix_tokens` and `global_pool`"
+    "(the number of tokens before the patches, 'token' or 'avg'): the token `model` classifies from, read from timm's `num_prefix_tokens` and `global_pool`"
     m = next((o for o in _unwrap(model).modules() if isinstance(getattr(o, 'num_prefix_tokens', None), int)), None)
     if m is None: # not a timm model: a class token when the model has one
         prefix = int(any(isinstance(getattr(o, 'cls_token', None), Tensor) for o in model.modules()))
         return prefix, 'token' if prefix else 'avg'
-    prefix, gp = m.num_prefix_tokens, getattr(m, 'global_pool', 'token')
-    return prefix, 'token' if gp == 'token' and getattr(m, 'has_class_token', prefix > 0) else 'avg'
+    gp, name = getattr(m, 'global_pool', 'token'), type(m).__name__
+    if getattr(m, 'attn_pool', None) is not None or gp not in ('token', 'avg'):
+        why = ("by a learned query (an attention pool): the attention that pools is that query's, not the class token's nor the patch tokens' mean"
+               if getattr(m, 'attn_pool', None) is not None or gp in ('map', 'prr') else
+               "by their maximum, which gives no attention share to each patch" if gp in ('max', 'avgmax') else "not at all" if not gp else f"by {gp!r}")
+        raise ValueError(f"TransMix reads the attention of the token the model classifies from: its class token (global_pool='token') or the mean "
+                         f"of its patch tokens (global_pool='avg'), but {name}(global_pool={gp!r}) pools its tokens {why}. Build the model with "
+                         "global_pool='token' or 'avg' for TransMix, or use CutMix")
+    if gp == 'avg' and getattr(m, 'pool_include_prefix', False): raise ValueError(
+        f"{name}(global_pool='avg', pool_include_prefix=True) averages its class and register tokens with its patches; TransMix reads the "
+        "mean of the patch tokens' attention: build it with pool_include_prefix=False, or global_pool='token'")
+    return m.num_prefix_tokens, gp
 
-def patch_attention(
-    qkv:Tensor, # The output of the attention module's `qkv` layer, (n, N, 3 * heads * head_dim)
-    attn:nn.Module, # The attention module: its `num_heads`, `scale` and `q_norm`/`k_norm` are used
-    prefix:int=1, # Tokens before the patches (the class token first)
-    pool:str='token', # 'token': the class token's attention; 'avg': the mean of the patch tokens' attention
-) -> Tensor: # float32 (n, N - prefix), each row summing to 1
-    "The attention on each patch, mean over heads, of the class token (or of the patch tokens on average), renormalised over the patches; detached"
-    with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
-        n, N, _ = qkv.shape
-        h = attn.num_heads
-        q, k, _ = qkv.detach().float().reshape(n, N, 3, h, -1).permute(2, 0, 3, 1, 4) # (n, heads, N, head_dim) each
-        q = q[:, :, :1] if pool == 'token' else q[:, :, prefix:] # the queries whose attention is read
-        qn, kn = getattr(attn, 'q_norm', None), getattr(attn, 'k_norm', None)
-        if qn is not None: q = qn(q)
-        if kn is not None: k = kn(k)
-        scale = getattr(attn, 'scale', q.shape[-1] ** -.5)
-        a = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)[..., prefix:] # on the patches, of the softmax over all tokens as the model's own
-        a = a.mean((1, 2)) # over the heads (and the queries)
-        return a / a.sum(1, keepdim=True)
+def _pair(v) -> tuple[int, int]|None:
+    "`v` as (height, width) when it is a positive int or a pair of them, else None"
+    if isinstance(v, int) and not isinstance(v, bool): v = (v, v)
+    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(o, int) and not isinstance(o, bool) and o > 0 for o in v)
+    return tuple(v) if ok else None
 
-def patch_grid(n_patches:int, size:Sequence[int]) -> tuple[int, int]:
-    "(rows, columns) of `n_patches` patches laid over an image of `size` (H, W)"
-    H, W = size
-    gh = max(1, round(math.sqrt(n_patches * H / W)))
-    gw = n_patches // gh
-    if gh * gw != n_patches: raise ValueError(f"TransMix cannot lay {n_patches} patch tokens over a {H}x{W} image as a grid of its shape")
-    return gh, gw
+def patch_embedding(model:nn.Module) -> nn.Module:
+    "The module that cuts `model`'s images into patches: timm's `PatchEmbed` (its `patch_size` and `dynamic_img_pad`), or in a model of your own the first module with a `patch_size`"
+    try: from timm.layers import PatchEmbed
+    except ImportError: PatchEmbed = ()
+    for m in _unwrap(model).modules():
+        if isinstance(m, PatchEmbed) or (not _is_timm(m) and _pair(getattr(m, 'patch_size', None)) is not None): return m
+    raise ValueError(
+        f"TransMix lays the pasted box over the patches the model cuts its images into, but found no patch embedding in {type(_unwrap(model)).__name__}: "
+        "it reads timm's PatchEmbed (`patch_embed.patch_size`, as in ViT, DeiT, EVA and BEiT; a hybrid CNN stem is not read). In a model of your "
+        "own, give the module that makes the patches a `patch_size` attribute (pixels, an int or (height, width)), as timm's")
+
+def patch_grid(
+    size:Sequence[int], # (H, W) of the images
+    patch_size:Sequence[int], # (height, width) of a patch, in pixels
+    pad:bool=False, # The model pads the images to whole patches (timm's `dynamic_img_pad`); False: the pixels past the last whole patch are left out
+) -> tuple[int, int]:
+    "(rows, columns) of the patches a model lays over images of `size`, as timm's `PatchEmbed` does"
+    (H, W), (ph, pw) = size, patch_size
+    return (-(-H // ph), -(-W // pw)) if pad else (H // ph, W // pw)
+
+def _on_patches(m:Tensor, patch_size, grid) -> Tensor:
+    "The sums of `m` (n, H, W) over each patch of `grid`: the pixels past the last whole patch left out, the padding added as zeros"
+    (ph, pw), (gh, gw), (H, W) = patch_size, grid, m.shape[1:]
+    m = F.pad(m, (0, max(0, gw * pw - W), 0, max(0, gh * ph - H)))[:, :gh * ph, :gw * pw]
+    return m.reshape(len(m), gh, ph, gw, pw).sum((2, 4)).flatten(1)
 
 def patch_mask(
     mask:Tensor, # bool (n, H, W): True on the pasted pixels
-    grid:tuple[int, int], # (rows, columns) of patches
-) -> Tensor: # bool (n, rows * columns): True on the patches counted as pasted
-    "The pasted pixels brought to the patch grid as TransMix's official code does (`nn.Upsample(size=grid)`, nearest): each patch as its top-left pixel"
-    return F.interpolate(mask[:, None].float(), size=grid, mode='nearest')[:, 0].flatten(1) > .5
+    patch_size:Sequence[int], # (height, width) of a patch, in pixels
+    pad:bool=False, # The model pads the images to whole patches (see `patch_grid`)
+    how:str='pixels', # 'pixels': the pasted pixels of each patch; 'nearest': 1 for a patch the official code counts as pasted, else 0
+) -> Tensor: # float32 (n, rows * columns)
+    "How much of each patch was pasted: its pasted pixels, or as TransMix's official code (`nn.Upsample(size=grid)`, nearest: each patch as one pixel of the image)"
+    if how not in ('pixels', 'nearest'): raise ValueError(f"how must be 'pixels' or 'nearest', got {how!r}")
+    grid = patch_grid(mask.shape[1:], patch_size, pad)
+    if how == 'nearest': return F.interpolate(mask[:, None].float(), size=grid, mode='nearest')[:, 0].flatten(1)
+    return _on_patches(mask.float(), patch_size, grid)
+
+def patch_pixels(
+    size:Sequence[int], # (H, W) of the images
+    patch_size:Sequence[int], # (height, width) of a patch, in pixels
+    pad:bool=False, # The model pads the images to whole patches (see `patch_grid`)
+    device=None,
+) -> Tensor: # float32 (rows * columns,)
+    "The image's pixels in each patch: height x width, fewer in the padded patches of the last row and column"
+    return _on_patches(torch.ones(1, *size, device=device), patch_size, patch_grid(size, patch_size, pad))[0]
+
+def patch_attention(
+    attn:Tensor, # The attention matrix the module computes, softmax over the keys: (n, heads, N, N)
+    prefix:int=1, # Tokens before the patches (the class token first)
+    pool:str='token', # 'token': the first token's attention (the class token's); 'avg': the mean of the patch tokens' attention
+) -> Tensor: # float32 (n, N - prefix), each row summing to 1
+    "The attention on each patch, mean over heads, of the class token (or of the patch tokens on average), renormalised over the patches; detached"
+    with torch.no_grad():
+        a = attn.detach()
+        a = a[:, :, 0, prefix:].float() if pool == 'token' else a[:, :, prefix:, prefix:].sum(2, dtype=torch.float32) # the rows of the queries read
+        a = a.sum(1) # over the heads
+        return a / a.sum(1, keepdim=True)
 
 def attention_shares(
     attn:Tensor, # float (n, T): the attention on each patch
-    pasted:Tensor, # bool (n, T): the patches of the partner
+    pasted:Tensor, # float (n, T): how much of each patch was pasted (`patch_mask`)
+    pixels:Tensor|None=None, # float (T,): the image's pixels in each patch (`patch_pixels`), with pasted pixels; None: `pasted` is 0/1 per patch
 ) -> Tensor: # float32 (n,)
-    "Share of the original: the attention on its own patches over the attention on all patches"
-    return 1 - (attn * pasted).sum(1) / attn.sum(1)
+    "Share of the original: 1 - the attention on the pasted pixels over the attention on all the image's pixels (each patch's attention spread evenly over it)"
+    return 1 - (attn * pasted).sum(1) / (attn if pixels is None else attn * pixels).sum(1)
 
 # %% ../nbs/10_transmix.ipynb #39fdc6e6
+class _Unfused:
+    "Turn the fused attention of `attn` off (its `fused_attn`, where it has one) until `remove()` puts it back"
+    def __init__(self, attn:nn.Module):
+        self.attn, self.old = (attn, attn.__dict__['fused_attn']) if 'fused_attn' in attn.__dict__ else (None, None)
+        if self.attn is not None: attn.fused_attn = False
+    def remove(self):
+        if self.attn is not None: self.attn.fused_attn = self.old
+        self.attn = None
+
+def attention_matrix(
+    attn:nn.Module, # An attention module TransMix reads (`is_attention`)
+    args:tuple, # The positional arguments of its call in the model's forward pass
+    kwargs:dict|None=None, # Its keyword arguments (EVA's `rope`, BEiT's `shared_rel_pos_bias`)
+) -> Tensor: # (n, heads, N, N), each row summing to 1
+    "The attention matrix `attn` computes on these arguments: one run of it alone, in eval mode, without gradients and with its fused attention off, read where it enters `attn_drop`; modes and `fused_attn` put back"
+    seen, modes, handles = [], [(m, m.training) for m in attn.modules()], []
+    try:
+        handles.append(_Unfused(attn))
+        handles.append(attn.attn_drop.register_forward_hook(lambda m, a, o: seen.append(a[0] if a else None)))
+        attn.eval() # no dropout: the random streams are left alone, and the matrix is the one before `attn_drop` in any mode
+        with torch.no_grad(): attn.forward(*args, **(kwargs or {})) # `forward`: the module's own hooks are not run again
+    finally:
+        for h in handles: h.remove()
+        for m, t in modes: m.training = t
+    if len(seen) != 1: raise RuntimeError(
+        f"TransMix reads the attention matrix of {type(attn).__name__} as it enters its `attn_drop`, with fused attention off, but `attn_drop` ran "
+        f"{len(seen)} times in the module's forward instead of once: TransMix reads {_READS}")
+    return seen[0]
+
+def _no_union(who:str) -> str:
+    return (f"{who}: TransMix shares each label by the model's attention, but label_mode='union' gives each sample the element-wise max of the two "
+            "label vectors whatever the shares, so the attention would change nothing. Use label_mode='blend' (the default) with TransMix, or "
+            "CutMix(label_mode='union') for the union of multi-label targets")
+
 class TransMix(_ForwardHooks, MixHandler):
     "TransMix (Chen et al. 2022, https://arxiv.org/abs/2111.09833): paste a box as CutMix, share the labels by the class token's attention on each image's patches"
     _stateattrs = MixHandler._stateattrs + ('_pending', '_found')
     per_sample_choice = False # the shares are written for the whole batch: `MixChoice(per_sample=False)` holds it
-    _found = None # (the model's modules, the attention module, its name, the prefix tokens, the pooling): found once per model
+    _found = None # (the model's modules, the attention module, its name, the prefix tokens, the pooling, the patch embedding): found once per model
     @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=1.0, # Concentration of Beta(`alpha`, `alpha`) for the box's share, as CutMix
@@ -88,61 +186,77 @@ class TransMix(_ForwardHooks, MixHandler):
         minmax:tuple|None=None, # (lo, hi): box sides drawn as fractions of the sides in [lo, hi], instead of from `alpha`
         stop_pct:float=1.0, # Stop mixing once this share of training is done
         area_weight:float=0.5, # Weight of the area share in the label share: 0.5 as the paper and its code (the mean of both), 0 the attention alone
-        attn_module:str|nn.Module|None=None, # The attention module read (its name in `model.named_modules()`, or itself); None: the last timm `Attention`
+        attn_module:str|nn.Module|None=None, # The attention module read (its name in `model.named_modules()`, or itself); None: the model's last one TransMix reads
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
-        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts` (`remix` is refused)
+        patch_share:str='pixels', # How much of a patch counts as pasted: 'pixels', the share of its pixels in the box; 'nearest', all or none as the official code
+        **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `partner`, `sigma`, `class_counts` (`remix` and label_mode='union' are refused)
     ):
         super().__init__(alpha, p, stop_pct, **kwargs)
         if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
                                                     "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
+        if self.label_mode == 'union': raise ValueError(_no_union("TransMix(label_mode='union')"))
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
         self.area_weight = check_share(area_weight, 'area_weight')
+        if not (isinstance(patch_share, str) and patch_share in ('pixels', 'nearest')): raise ValueError(
+            f"patch_share must be 'pixels' (each patch counted by the share of its pixels in the box) or 'nearest' (a patch counted whole or not at "
+            f"all, as TransMix's official code samples it), got {patch_share!r}")
+        self.patch_share = patch_share
         if not (attn_module is None or isinstance(attn_module, (str, nn.Module))): raise TypeError(
-            f"attn_module must be None (the model's last timm Attention), the name of the attention module in `model.named_modules()` "
+            f"attn_module must be None (the model's last attention module TransMix reads), the name of the attention module in `model.named_modules()` "
             f"(e.g. 'blocks.11.attn', or '0.model.blocks.11.attn' in a vision_learner) or the module itself, got {attn_module!r}")
-        if isinstance(attn_module, nn.Module) and not is_attention(attn_module): raise TypeError(
-            f"attn_module: {type(attn_module).__name__} is not an attention module TransMix can read: it needs a linear layer `qkv` that gives "
-            "q, k and v, and `num_heads`, as timm's Attention (ViT, DeiT) has")
+        if isinstance(attn_module, nn.Module) and not is_attention(attn_module): raise TypeError(_not_read(attn_module))
         self.attn_module = attn_module
-    __repr__ = basic_repr('alpha,p,per_sample,minmax,stop_pct,area_weight,attn_module')
+    __repr__ = basic_repr('alpha,p,per_sample,minmax,stop_pct,area_weight,attn_module,patch_share')
 
     @property
     def _attn_name(self) -> str: return repr(self._found[2]) if self._found else 'the attention module'
 
     def attention_module(self, model:nn.Module) -> nn.Module:
-        "The attention module whose attention gives the shares: `attn_module`, or the last timm-style `Attention` of `model`; found once per model"
+        "The attention module whose attention gives the shares: `attn_module`, or the last one of `model` that TransMix reads; found, with how the model pools its tokens and cuts its patches, once per model"
         inner = _unwrap(model)
         key = tuple(map(id, inner.modules()))
         if self._found is not None and self._found[0] == key: return self._found[1]
         named = dict(inner.named_modules())
         a = self.attn_module
         if isinstance(a, str):
-            if a not in named: raise ValueError(f"attn_module: the model has no module named {a!r}; its attention modules are named "
-                                                f"{[n for n, m in named.items() if is_attention(m)][-4:] or 'none (give the module itself)'}")
+            if a not in named: raise ValueError(f"attn_module: the model has no module named {a!r}; the attention modules TransMix reads in it are named "
+                                                f"{[n for n, m in named.items() if is_attention(m)][-4:] or 'none'}")
             name, mod = a, named[a]
-            if not is_attention(mod): raise TypeError(f"attn_module: {a!r} is a {type(mod).__name__}, not an attention module TransMix can read: "
-                                                      "it needs a linear layer `qkv` that gives q, k and v, and `num_heads`, as timm's Attention")
+            if not is_attention(mod): raise TypeError(_not_read(mod, f"attn_module: {a!r} is a {type(mod).__name__}; "))
         elif a is not None:
             name = next((n for n, m in named.items() if m is a), None)
             if name is None: raise ValueError(f"attn_module: the {type(a).__name__} given is not a module of the learner's model")
             mod = a
         else:
             found = [(n, m) for n, m in named.items() if is_attention(m)]
-            if not found: raise ValueError(
-                f"TransMix found no attention module in {type(inner).__name__}: it reads a module with a linear layer `qkv` and `num_heads` "
-                "(timm's Attention, in ViT and DeiT). Give the one to read: TransMix(attn_module='blocks.11.attn') (a name from "
-                "`model.named_modules()`, or the module itself); for a CNN, use CutMix")
+            if not found:
+                other = sorted({type(m).__name__ for m in named.values() if 'Attention' in type(m).__name__})
+                raise ValueError(
+                    f"TransMix found no attention module it reads in {type(inner).__name__}" + (f" (it has {', '.join(other)})" if other else '') +
+                    f". TransMix reads {_READS}. Name the one to read with TransMix(attn_module='blocks.11.attn') (a name from `model.named_modules()`, "
+                    "or the module itself); for a CNN or a windowed transformer (Swin), use CutMix")
             name, mod = found[-1]
-        self._found = key, mod, name, *token_layout(inner)
+        self._found = key, mod, name, *token_layout(inner), patch_embedding(inner)
         return mod
+
+    def _refuse_union(self):
+        if self._label_mode() == 'union': raise ValueError(_no_union("MixChoice(label_mode='union') holds TransMix"))
+
+    def _prime_counts(self, learn):
+        "Before a fit's first batch: the class counts as `MixHandler`'s, and the refusal of the union label mode of a `MixChoice` holding TransMix"
+        self._refuse_union()
+        super()._prime_counts(learn)
 
     def mix(self, xb, yb, inplace=None):
         "Paste as CutMix; on the learner's training batch, hook the model to read the shares from its forward pass (elsewhere, read them now)"
         self._drop_hooks() # a hook of an earlier batch left by an interrupt
         if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
                                                     "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
+        self._refuse_union()
         ref = next((o for o in xb if o.is_floating_point()), xb[0])
         if ref.ndim != 4: raise ValueError(f"TransMix pastes boxes into images (N, C, H, W) cut into patches, got inputs of shape {tuple(ref.shape)}")
+        learn = self._learner()
+        attn = None if learn is None else self.attention_module(learn.model) # refused before anything is drawn
         n, (H, W) = len(ref), ref.shape[2:]
         ids = torch.arange(n, device=ref.device, dtype=torch.int32).view(n, 1, 1).expand(n, H, W).contiguous() # each pixel's sample, pasted along
         (xm, ym), perm, lam = cutmix(xb, self.current('alpha'), inplace=self.inplace if inplace is None else inplace, p=self.current('p'),
@@ -152,30 +266,42 @@ class TransMix(_ForwardHooks, MixHandler):
         mask = ids != torch.arange(n, device=ids.device, dtype=ids.dtype).view(n, 1, 1) # the pasted pixels: those of another sample
         lam = (lam if isinstance(lam, Tensor) else torch.full((n,), lam, device=ref.device)).float()
         lam = torch.where(perm == torch.arange(n, device=perm.device), 1., lam) # a sample pasted with itself is all itself (as show_batch counts it)
-        learn = self._learner()
         if learn is None: return (xm, ym), perm, lam # no model: the area shares
-        attn = self.attention_module(learn.model)
         pend = self._pending = _Pending(attn=attn, mask=mask, perm=perm, lam=lam, area=lam.clone(), yb=tuple(yb), ym=ym)
-        if learn.training and xb is learn.xb: self._hook_forward(learn.model, pend, 'qkv', attn.qkv) # the learner's own training batch: its forward pass follows
+        if learn.training and xb is learn.xb: # the learner's own training batch: its forward pass follows
+            model = learn.model # `_ForwardHooks`' hooks, with the attention's call read with its keyword arguments (EVA's `rope`)
+            pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
+                            attn.register_forward_pre_hook(_Hook(self, pend, 'attn'), with_kwargs=True),
+                            model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)]
         else: self._probe(learn.model, xm, pend) # show_batch, or a call by hand: one forward pass now, changing nothing
         return (xm, ym), perm, lam
 
-    def _in_forward(self, pend:_Pending, kind:str, args:tuple, out):
-        "At the attention's `qkv` layer in the forward pass: the shares read from its output, the first time it runs"
+    def _in_forward(self, pend:_Pending, kind:str, args:tuple, kwargs:dict):
+        "As the attention module is called in the forward pass (a pre-hook given its keyword arguments): the shares read from the attention matrix it computes, the first time"
         pend.calls += 1
-        if pend.calls == 1: self._read_shares(pend, out)
+        if pend.calls == 1: self._read_shares(pend, attention_matrix(pend.attn, args, kwargs))
 
     def _not_run_once(self, pend:_Pending) -> str:
-        return (f"TransMix reads the attention of {self._attn_name} ({type(pend.attn).__name__}), but its `qkv` layer ran {pend.calls} times in the "
-                "model's forward pass instead of once: give attn_module= an attention module the model runs once per forward pass")
+        return (f"TransMix reads the attention of {self._attn_name} ({type(pend.attn).__name__}), but it ran {pend.calls} times in the model's forward "
+                "pass instead of once: give attn_module= an attention module the model runs once per forward pass")
 
-    def _read_shares(self, pend:_Pending, qkv:Tensor):
-        "Write the shares of this batch, from the output of the attention's `qkv` layer, into the batch's `lam` (and re-blend dense targets)"
-        _, _, _, prefix, pool = self._found
-        a = patch_attention(qkv, pend.attn, prefix, pool)
-        pasted = patch_mask(pend.mask, patch_grid(a.shape[1], pend.mask.shape[1:]))
+    def _read_shares(self, pend:_Pending, attn:Tensor):
+        "Write the shares of this batch, from the attention matrix the module computed, into the batch's `lam` (and re-blend dense targets)"
+        _, _, name, prefix, pool, pe = self._found
+        n, size = len(pend.mask), tuple(pend.mask.shape[1:])
+        ps, pad = _pair(pe.patch_size), bool(getattr(pe, 'dynamic_img_pad', False))
+        gh, gw = patch_grid(size, ps, pad)
+        N = prefix + gh * gw
+        if not (isinstance(attn, Tensor) and attn.ndim == 4 and attn.shape[0] == n and tuple(attn.shape[2:]) == (N, N)): raise RuntimeError(
+            f"TransMix reads one attention matrix per image, ({n}, heads, {N}, {N}): {prefix} token(s) before the patches and {gh}x{gw} patches of "
+            f"{ps[0]}x{ps[1]} px over the {size[0]}x{size[1]} images{' padded' if pad else ''}, but the attention of {name!r} ({type(pend.attn).__name__}) is "
+            + (f"of shape {tuple(attn.shape)}" if isinstance(attn, Tensor) else f"a {type(attn).__name__}") +
+            ": it attends within windows, or over tokens that are not the image's patches. Give attn_module= a global attention over the patches, or use CutMix")
+        a = patch_attention(attn, prefix, pool)
+        pasted = patch_mask(pend.mask, ps, pad, self.patch_share)
+        pixels = patch_pixels(size, ps, pad, a.device) if self.patch_share == 'pixels' else None
         w = self.area_weight
-        pend.lam.copy_(w * pend.area + (1 - w) * attention_shares(a, pasted))
+        pend.lam.copy_(w * pend.area + (1 - w) * attention_shares(a, pasted, pixels))
         for y, m in zip(pend.yb, pend.ym):
             if y.is_floating_point() and m is not y and not is_mask(y, len(y), pend.mask.shape[1:]): m.copy_(lerp_mix(y, pend.perm, pend.lam))
 
@@ -186,11 +312,12 @@ class TransMix(_ForwardHooks, MixHandler):
         try:
             inner.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
-                def read(m, args, out):
+                def read(m, args, kwargs):
                     pend.calls += 1
-                    if pend.calls == 1: self._read_shares(pend, out)
-                handle = pend.attn.qkv.register_forward_hook(read)
+                    if pend.calls == 1: self._read_shares(pend, attention_matrix(m, args, kwargs))
+                handle = pend.attn.register_forward_pre_hook(read, with_kwargs=True)
                 inner(*xm)
+            if pend.calls != 1: raise RuntimeError(self._not_run_once(pend))
         finally:
             if handle is not None: handle.remove()
             for m, t in modes: m.training = t

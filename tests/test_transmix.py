@@ -48,13 +48,16 @@ def patch_attention_by_hand(x, attn, prefix=1, pool='token'):
     r = rows.mean(1)[:, prefix:]
     return r / r.sum(1, keepdim=True)
 
-def expected_shares(x, xm, perm, attn_in, attn, patch, area_weight=.5, prefix=1, pool='token'):
+def on_patches(pasted, patch, nearest=False):
+    "How much of each (square) patch of the tiled image is the partner's: the share of its pixels, or with `nearest` all when its top-left pixel is (the official code's)"
+    return pasted[:, ::patch, ::patch].flatten(1).float() if nearest else F.avg_pool2d(pasted[:, None].float(), patch)[:, 0].flatten(1)
+
+def expected_shares(x, xm, perm, attn_in, attn, patch, area_weight=.5, prefix=1, pool='token', nearest=False):
     "The shares read from the pixels (the pasted box) and the attention by hand: area share and attention share, mixed by `area_weight`"
     pasted = (xm != x).any(1) # (n, H, W): pixels of the partner
     area = 1 - pasted.float().mean((1, 2))
-    on_patches = pasted[:, ::patch, ::patch].flatten(1).float() # a patch is the partner's when its top-left pixel is (the official code's nearest)
     a = patch_attention_by_hand(attn_in, attn, prefix, pool)
-    return area_weight * area + (1 - area_weight) * (1 - (a * on_patches).sum(1))
+    return area_weight * area + (1 - area_weight) * (1 - (a * on_patches(pasted, patch, nearest)).sum(1))
 
 @pytest.mark.parametrize('per_sample', [False, True], ids=['batch', 'sample'])
 @pytest.mark.parametrize('pool', ['token', 'avg'])
@@ -108,8 +111,9 @@ EXITS = [(None, None), (RuntimeError, 'forward'), (KeyboardInterrupt, 'forward')
 
 @pytest.mark.parametrize('exc,event', EXITS, ids=[f'{e.__name__ if e else "normal"}-{ev}' for e, ev in EXITS])
 def test_hooks_gone_loss_restored(exc, event):
-    "However the fit ends, no hook is left on the model (a KeyboardInterrupt's is inert and goes at the next forward pass) and the loss is the original"
+    "However the fit ends, no hook is left on the model and its fused attention is back (a KeyboardInterrupt's are inert and go at the next forward pass); the loss is the original"
     model = vit()
+    fused = [b.attn.fused_attn for b in model.blocks]
     learn = vit_learner(cbs=TransMix(), model=model)
     lf, cbs, h = learn.loss_func, [], None
     if event == 'forward':
@@ -127,12 +131,14 @@ def test_hooks_gone_loss_restored(exc, event):
         x = learn.dls.one_batch()[0]
         model.train()
         with torch.no_grad(): model(x)
+    eq_([b.attn.fused_attn for b in model.blocks], fused)
     learn.fit(1)
     eq_(hooks(model), {})
+    eq_([b.attn.fused_attn for b in model.blocks], fused)
     assert learn.loss_func is lf
 
 def test_no_hook_outside_training_forward():
-    "Validation, `validate` and `get_preds` run the model without TransMix's hooks; training runs it with three (model pre-hook, model hook, qkv hook)"
+    "Validation, `validate` and `get_preds` run the model without TransMix's hooks; training runs it with three (model pre-hook, model hook, attn_drop hook)"
     model = vit()
     learn = vit_learner(cbs=TransMix(), model=model)
     seen = []
@@ -204,18 +210,18 @@ def test_vision_learner_and_named_module():
     eq_(learn.trans_mix._found[2], '0.model.blocks.1.attn')
     learn = vision_learner(dls, 'vit_tiny_patch16_224', n_out=3, loss_func=CrossEntropyLossFlat(), cbs=TransMix(attn_module='0.model.blocks.0.attn'), **kw)
     learn.fit(1)
-    eq_(learn.trans_mix._found[2:], ('0.model.blocks.0.attn', 1, 'token'))
+    eq_(learn.trans_mix._found[2:5], ('0.model.blocks.0.attn', 1, 'token'))
     eq_(hooks(learn.model), {})
 
 def test_errors():
     "Clear errors: a bad attn_module at construction; a name not in the model, or a model with no attention module, at the first batch"
     with pytest.raises(TypeError, match='attn_module must be None'): TransMix(attn_module=3)
-    with pytest.raises(TypeError, match='needs a linear layer `qkv`'): TransMix(attn_module=nn.Linear(2, 2))
+    with pytest.raises(TypeError, match='Linear is not an attention module TransMix reads'): TransMix(attn_module=nn.Linear(2, 2))
     with pytest.raises(ValueError, match='area_weight'): TransMix(area_weight=2)
     with pytest.raises(ValueError, match=r"no module named 'blocks.9.attn'.*blocks.1.attn"): vit_learner(cbs=TransMix(attn_module='blocks.9.attn')).fit(1)
     with pytest.raises(TypeError, match="'blocks.0' is a Block"): vit_learner(cbs=TransMix(attn_module='blocks.0')).fit(1)
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match='found no attention module in Sequential.*attn_module='): vit_learner(cbs=TransMix(), model=cnn).fit(1)
+    with pytest.raises(ValueError, match='found no attention module it reads in Sequential.*attn_module='): vit_learner(cbs=TransMix(), model=cnn).fit(1)
     learn = vit_learner(cbs=TransMix(attn_module=vit().blocks[0].attn))
     with pytest.raises(ValueError, match='not a module of the learner'): learn.fit(1)
     assert hooks(learn.model) == {} and not isinstance(learn.loss_func, type(None))
@@ -292,3 +298,198 @@ def test_partner_policy_and_decoupled():
         eq_(r['lam'][~moved(perm)], torch.ones(int((~moved(perm)).sum())))
     eq_(hooks(learn.model), {})
     with pytest.raises(ValueError, match='remix=None'): TransMix(remix=(3, .5))
+
+# Issue 29: the union label mode, the patches counted by their pixels on the model's own grid, the attention the model computes
+# (rotary embeddings, BEiT's and EVA's q/v biases), and the models TransMix reads or refuses
+
+def test_label_mode_union_refused():
+    "label_mode='union' gives each sample the union of the two multi-label vectors whatever the shares: TransMix refuses it when made, and in a MixChoice before the first batch"
+    with pytest.raises(ValueError, match=r"TransMix\(label_mode='union'\).*whatever the shares.*CutMix\(label_mode='union'\)"): TransMix(label_mode='union')
+    from fastai.losses import BCEWithLogitsLossFlat
+    dls = DataLoaders(*[dl.new(num_workers=0) for dl in synth_dls(n=16, bs=8, shape=(3, 16, 16), c=3, multi_label=True).loaders])
+    model, spy = vit(), MixSpy()
+    choice = MixChoice([TransMix(), CutMix()], label_mode='union')
+    learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), cbs=[choice, spy])
+    learn.no_bar().__enter__(); learn.no_logging().__enter__()
+    lf = learn.loss_func
+    with pytest.raises(ValueError, match=r"MixChoice\(label_mode='union'\) holds TransMix"): learn.fit(1, lr=0)
+    eq_(spy.records, []); eq_(hooks(model), {}); assert learn.loss_func is lf
+    choice.label_mode = 'blend' # blended by the shares, the targets follow the attention
+    learn.fit(1, lr=0)
+    assert any(((r['ym'][0] > 0) & (r['ym'][0] < 1)).any() for r in spy.records)
+
+def pixel_model(geometry):
+    "A tiny timm ViT whose last block's q and k are zero (uniform attention), and the images' side: 4-px patches tiling 16 px, 2x8-px patches, the demo's ViT at 18 px (the last 2 px left out), or 18 px padded to whole patches"
+    if geometry == 'demo-18px':
+        from fastai_mix.demo import make_model
+        model, size = make_model('vit', 3, n_in=3, size=18), 18
+    else:
+        size = 18 if geometry == 'padded-18px' else 16
+        kw = dict(patch=(2, 8)) if geometry == 'rect-2x8' else dict(dynamic_img_pad=True, dynamic_img_size=True) if geometry == 'padded-18px' else {}
+        model = vit(size, **kw)
+    attn = model.blocks[-1].attn
+    with torch.no_grad(): attn.qkv.weight[:2 * attn.attn_dim].zero_(); attn.qkv.bias[:2 * attn.attn_dim].zero_() # q and k
+    return model, size
+
+GEOMETRIES = ['square-4px', 'rect-2x8', 'demo-18px', 'padded-18px']
+
+@pytest.mark.parametrize('per_sample', [False, True], ids=['batch', 'sample'])
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+def test_uniform_attention_gives_pixel_shares(geometry, per_sample):
+    "With uniform attention and area_weight=0, each share is the share of the pixels the model reads that the sample keeps, on the model's own patch grid: CutMix's area share where the patches tile the image or pad it"
+    set_seed(3)
+    model, size = pixel_model(geometry)
+    spy = MixSpy()
+    vit_learner(cbs=[TransMix(per_sample=per_sample, area_weight=0), spy], model=model, size=size).fit(1, lr=0)
+    assert len(spy.records) == 2
+    for r in spy.records:
+        pasted = (r['xm'] != r['x']).any(1).float()
+        if geometry == 'demo-18px': pasted = pasted[:, :16, :16] # timm's patches of 4 px cover 16 of the 18 px: the model reads no more
+        close_(r['lam'], 1 - pasted.mean((1, 2)), eps=1e-6)
+        if geometry == 'square-4px': # the boxes do not follow the patches here, so counting patches by one pixel would be off
+            assert (1 - on_patches(pasted > 0, 4, nearest=True).mean(1) - r['lam']).abs().max() > .01
+
+def test_uniform_attention_padded_is_cutmix():
+    "With timm's dynamic_img_pad (18 px padded to 5x5 patches of 4 px), uniform attention gives exactly CutMix's shares from the same draws"
+    def run(mixer):
+        set_seed(1)
+        spy = MixSpy()
+        model, size = pixel_model('padded-18px')
+        vit_learner(cbs=[mixer, spy], model=model, size=size).fit(1, lr=0)
+        return spy.records
+    for a, b in zip(run(TransMix(per_sample=True, area_weight=0)), run(CutMix(per_sample=True))):
+        eq_(a['perm'], b['perm']); eq_(a['xm'], b['xm'])
+        close_(a['lam'], torch.where(moved(a['perm']), torch.as_tensor(b['lam']), 1.), eps=1e-6)
+
+@pytest.mark.parametrize('pool', ['token', 'avg'])
+def test_nearest_patch_share_is_official(pool):
+    "patch_share='nearest' counts a patch as pasted when the official code's nearest sampling does (its top-left pixel, on a tiling grid)"
+    set_seed(0)
+    model = vit(**(dict(global_pool='avg', class_token=False) if pool == 'avg' else {}))
+    attn = model.blocks[-1].attn
+    spy, inp = MixSpy(), AttnInputs(attn)
+    vit_learner(cbs=[TransMix(per_sample=True, patch_share='nearest'), spy, inp], model=model).fit(1, lr=0)
+    for r, a_in in zip(spy.records, inp.xs):
+        ok = moved(r['perm'])
+        want = expected_shares(r['x'], r['xm'], r['perm'], a_in, attn, 4, prefix=0 if pool == 'avg' else 1, pool=pool, nearest=True)
+        close_(r['lam'][ok], want[ok], eps=1e-5)
+    with pytest.raises(ValueError, match="patch_share must be 'pixels'.*or 'nearest'.*got 'box'"): TransMix(patch_share='box')
+
+class AttnCalls(Callback):
+    "Record the arguments (positional and keyword: EVA's `rope`) of an attention module in each training forward pass (a test hook, set for the fit)"
+    order = -2
+    def __init__(self, attn): self.attn = attn
+    def before_fit(self):
+        self.calls = []
+        def rec(m, a, kw):
+            if m.training: self.calls.append((tuple(o.detach().clone() for o in a), {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}))
+        self.h = self.attn.register_forward_pre_hook(rec, with_kwargs=True)
+    def after_fit(self): self.h.remove()
+
+def model_attention(attn, args, kwargs):
+    "The attention matrix the module computes on these arguments: its non-fused path, read where it enters `attn_drop` (both put back)"
+    seen, old = [], attn.fused_attn
+    h = attn.attn_drop.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().float()))
+    try:
+        attn.fused_attn = False
+        with torch.no_grad(): attn(*args, **kwargs)
+    finally: attn.fused_attn = old; h.remove()
+    eq_(len(seen), 1)
+    return seen[0]
+
+def tiny(kind):
+    "Tiny timm models built from code (no weights), 16 px in patches of 4 px: EVA with rotary embeddings (with and without its q/v biases, pooled by the class token or the patches' mean), and BEiT (its q/v biases and relative position bias)"
+    from timm.models.eva import Eva
+    from timm.models.beit import Beit
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    if kind == 'beit': return Beit(**kw, use_rel_pos_bias=True)
+    return Eva(**kw, use_rot_pos_emb=True, qkv_bias='bias' in kind, global_pool='avg' if 'avg' in kind else 'token')
+
+@pytest.mark.parametrize('kind', ['eva-rope-token', 'eva-rope-avg', 'eva-rope-bias-token', 'beit'])
+def test_shares_from_the_model_attention(kind):
+    "Through `Learner.fit` on EVA with rotary embeddings and on BEiT: the shares are the class token's (or the patch tokens' mean) attention that the model computes, rotary embedding, biases and all, weighed by the pixels pasted"
+    set_seed(0)
+    model = tiny(kind)
+    attn, (prefix, pool) = model.blocks[-1].attn, (1, 'avg' if kind in ('eva-rope-avg', 'beit') else 'token')
+    fused = attn.fused_attn
+    spy, calls = MixSpy(), AttnCalls(attn)
+    learn = vit_learner(cbs=[TransMix(per_sample=True), spy, calls], model=model)
+    learn.fit(1, lr=0)
+    eq_(len(spy.records), len(calls.calls)); eq_(len(spy.records), 2)
+    for r, (args, kw) in zip(spy.records, calls.calls):
+        if 'rope' in kind: assert kw.get('rope') is not None
+        A = model_attention(attn, args, kw) # (n, heads, N, N)
+        if 'rope' in kind: assert (model_attention(attn, args, {**kw, 'rope': None}) - A).abs().max() > 1e-3 # the rotary embedding matters here
+        rows = A[:, :, 0] if pool == 'token' else A[:, :, prefix:].mean(2)
+        a = rows.mean(1)[:, prefix:]; a = a / a.sum(1, keepdim=True)
+        pasted = (r['xm'] != r['x']).any(1)
+        want = .5 * (1 - pasted.float().mean((1, 2))) + .5 * (1 - (a * on_patches(pasted, 4)).sum(1))
+        ok = moved(r['perm'])
+        close_(r['lam'][ok], want[ok], eps=1e-5)
+    eq_(hooks(model), {}); eq_(attn.fused_attn, fused)
+
+def test_gradient_checkpointing():
+    "A ViT trained with gradient checkpointing: TransMix reads the same shares, and the backward pass recomputes the blocks as the forward ran them"
+    def run(ckpt):
+        set_seed(0)
+        model, spy = vit(), MixSpy()
+        model.set_grad_checkpointing(ckpt)
+        vit_learner(cbs=[TransMix(per_sample=True), spy], model=model).fit(1)
+        return [r['lam'] for r in spy.records], model
+    (a, _), (b, m) = run(False), run(True)
+    for x, y in zip(a, b): close_(x, y, eps=1e-5)
+    eq_(hooks(m), {})
+
+def swin():
+    "A tiny timm Swin: windowed attention, 2x2 windows over 8x8 patches of 2 px"
+    from timm.models.swin_transformer import SwinTransformer
+    return SwinTransformer(img_size=16, patch_size=2, window_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=3)
+
+REFUSED = {'swin': (swin, {}, ValueError, r'found no attention module it reads in SwinTransformer \(it has WindowAttention\).*windowed transformer \(Swin\)'),
+           'swin-named': (swin, dict(attn_module='layers.1.blocks.0.attn'), TypeError, r"'layers.1.blocks.0.attn' is a WindowAttention.*not one matrix over all"),
+           'map-pool': (lambda: vit(class_token=False, global_pool='map'), {}, ValueError, r"global_pool='map'\) pools its tokens by a learned query"),
+           'max-pool': (lambda: vit(class_token=False, global_pool='max'), {}, ValueError, r"global_pool='max'\) pools its tokens by their maximum"),
+           'avg-with-prefix': (lambda: vit(global_pool='avg', pool_include_prefix=True), {}, ValueError, 'pool_include_prefix=True')}
+
+@pytest.mark.parametrize('case', list(REFUSED))
+def test_models_refused(case):
+    "The models TransMix does not read are refused at the first batch, before anything is mixed, saying why; the learner is left as found"
+    make, kw, exc, msg = REFUSED[case]
+    model, spy = make(), MixSpy()
+    learn = vit_learner(cbs=[TransMix(**kw), spy], model=model)
+    lf = learn.loss_func
+    with pytest.raises(exc, match=msg): learn.fit(1)
+    eq_(spy.records, []); eq_(hooks(model), {}); assert learn.loss_func is lf
+    if case == 'swin': # and given as the module, when made
+        with pytest.raises(TypeError, match='WindowAttention is not an attention module TransMix reads'): TransMix(attn_module=model.layers[0].blocks[0].attn)
+
+SYNCS = ('item', 'tolist', '__bool__', '__int__', '__float__', '__index__')
+
+def raise_on_sync(monkeypatch, obj, name):
+    "Wrap `obj.name` so that while it runs, the tensor methods that wait on the GPU (`.item()`, `bool(t)`, ...) raise: a CPU probe of the no-host-sync promise"
+    f = getattr(obj, name)
+    def wrapped(*args, **kwargs):
+        old = {k: getattr(torch.Tensor, k) for k in SYNCS}
+        def refuse(k):
+            def g(self, *a, **kw): raise AssertionError(f'host sync: Tensor.{k} in {name}')
+            return g
+        try:
+            for k in SYNCS: setattr(torch.Tensor, k, refuse(k))
+            return f(*args, **kwargs)
+        finally:
+            for k, v in old.items(): setattr(torch.Tensor, k, v)
+    monkeypatch.setattr(obj, name, wrapped)
+
+@pytest.mark.parametrize('planted', [False, True], ids=['transmix', 'planted'])
+def test_no_host_sync_probe(monkeypatch, planted):
+    "On the CPU: the pasting and the share reading of a training step (per sample, pooled by the class token and pixel-weighed) call no tensor method that waits on the GPU; a planted `.item()` is caught"
+    import fastai_mix.transmix as tm
+    if planted:
+        shares = tm.attention_shares
+        monkeypatch.setattr(tm, 'attention_shares', lambda a, p, px=None: shares(a, p, px) * (1 + 0 * (a.sum().item())))
+    raise_on_sync(monkeypatch, TransMix, 'mix'); raise_on_sync(monkeypatch, TransMix, '_in_forward')
+    learn = vit_learner(cbs=TransMix(per_sample=True))
+    if planted:
+        with pytest.raises(AssertionError, match=r'host sync: Tensor.item in _in_forward'): learn.fit(1)
+    else: learn.fit(1)
+    eq_(hooks(learn.model), {})
