@@ -79,6 +79,7 @@ class TransMix(_ForwardHooks, MixHandler):
     "TransMix (Chen et al. 2022, https://arxiv.org/abs/2111.09833): paste a box as CutMix, share the labels by the class token's attention on each image's patches"
     _stateattrs = MixHandler._stateattrs + ('_pending', '_found')
     per_sample_choice = False # the shares are written for the whole batch: `MixChoice(per_sample=False)` holds it
+    option_limits = dict(remix=((None,), "TransMix shares each label by the model's attention, which Remix's rule would overwrite (partner='balanced' pairs rare classes more often)"))
     _found = None # (the model's modules, the attention module, its name, the prefix tokens, the pooling): found once per model
     @delegates(MixHandler.__init__)
     def __init__(self,
@@ -92,9 +93,7 @@ class TransMix(_ForwardHooks, MixHandler):
         inplace:bool=False, # Paste into the learner's batch itself (only for batches the data pipeline makes anew: see CutMix)
         **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `label_mode`, `partner`, `sigma`, `class_counts` (`remix` is refused)
     ):
-        super().__init__(alpha, p, stop_pct, **kwargs)
-        if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
-                                                    "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
+        super().__init__(alpha, p, stop_pct, **kwargs) # checks `option_limits`
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
         self.area_weight = check_share(area_weight, 'area_weight')
         if not (attn_module is None or isinstance(attn_module, (str, nn.Module))): raise TypeError(
@@ -139,8 +138,7 @@ class TransMix(_ForwardHooks, MixHandler):
     def mix(self, xb, yb, inplace=None):
         "Paste as CutMix; on the learner's training batch, hook the model to read the shares from its forward pass (elsewhere, read them now)"
         self._drop_hooks() # a hook of an earlier batch left by an interrupt
-        if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
-                                                    "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
+        self._check_limits() # an option set on it or on its MixChoice after they were made
         ref = next((o for o in xb if o.is_floating_point()), xb[0])
         if ref.ndim != 4: raise ValueError(f"TransMix pastes boxes into images (N, C, H, W) cut into patches, got inputs of shape {tuple(ref.shape)}")
         n, (H, W) = len(ref), ref.shape[2:]
