@@ -638,19 +638,23 @@ def _check_runs(
     from fastai.torch_core import no_random
     g = torch.Generator().manual_seed(0)
     x, y, vocab = torch.randint(0, 256, (2 * bs, n_in, size, size), dtype=torch.uint8, generator=g), torch.arange(2 * bs) % n_out, [str(i) for i in range(n_out)]
+    def fails(name:str, arch:str) -> str|None: # why run `name` cannot train with `arch`, or None
+        try:
+            dls = array_dls(ArrayImages(x[:bs], y[:bs], vocab), ArrayImages(x[bs:], y[bs:], vocab), bs=bs)
+            model = make_model(arch, n_out, n_in=n_in, size=size)
+            learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, ECE()], cbs=make_mixer(name, model, decoupled))
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
+        except (ValueError, TypeError, RuntimeError, ImportError) as e:
+            msg = str(e) # without the line fastai puts before an error in a callback
+            return msg.split('\n\t', 1)[-1] if msg.startswith('Exception occured in') else msg
     with no_random(0), torch_threads(threads): # the random states are put back: the runs are seeded on their own anyway
         for name in dict.fromkeys(['none', *names]): # the model alone first: what fails there is the model's
+            if (why := fails(name, arch)) is None: continue
             base, dm = name.removesuffix('+dm'), name.endswith('+dm')
-            what = (f"--arch {arch} with --size {size} and --bs {bs}" if base == 'none' else
-                    f"--mix {base}" + (f" with --decoupled {decoupled}" if dm else '') + f" and --arch {arch} (--size {size}, --bs {bs})")
-            try:
-                dls = array_dls(ArrayImages(x[:bs], y[:bs], vocab), ArrayImages(x[bs:], y[bs:], vocab), bs=bs)
-                model = make_model(arch, n_out, n_in=n_in, size=size)
-                learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, ECE()], cbs=make_mixer(name, model, decoupled))
-                with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
-            except (ValueError, TypeError, RuntimeError) as e:
-                msg = str(e) # without the line fastai puts before an error in a callback
-                raise DemoError(f"{what} cannot train: {msg.split(chr(10) + chr(9), 1)[-1] if msg.startswith('Exception occured in') else msg}") from None
+            if base == 'none': raise DemoError(f"--arch {arch} with --size {size} and --bs {bs} cannot train: {why}")
+            fit = [a for a in ARCHS if a != arch and fails(name, a) is None] # only on this way out: which arch would do
+            raise DemoError(f"--mix {base}" + (f" with --decoupled {decoupled}" if dm else '') + f" and --arch {arch} (--size {size}, --bs {bs}) cannot train: "
+                            f"{why.rstrip('.')}. For this run: " + (f"give --arch {' or --arch '.join(fit)}" if fit else f"leave {base} out of --mix" + (", or give --decoupled 0" if dm else '')))
 
 FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3)
 

@@ -237,10 +237,10 @@ def test_tabular_command(capsys):
     assert 'wine: error rate %: none' in out and 'paired difference' in out and 'over 2 seeds' in out
 
 @pytest.mark.parametrize('argv, names', [
-    (['--mix', 'none,snapmix', '--arch', 'vit'], ['--mix snapmix', '--arch vit', 'SnapMix found no last feature map']),
-    (['--mix', 'none,manifold', '--arch', 'vit'], ['--mix manifold', '--arch vit', 'ManifoldMixup found no hidden place']),
-    (['--mix', 'none,cutmix,snapmix', '--decoupled', '0.1'], ['--mix snapmix with --decoupled 0.1', 'SnapMix(decoupled=0.1)', 'use decoupled=0 with SnapMix']),
-    (['--mix', 'none,transmix', '--arch', 'resnet18'], ['--mix transmix', '--arch resnet18', 'TransMix found no attention module']),
+    (['--mix', 'none,snapmix', '--arch', 'vit'], ['--mix snapmix and --arch vit', 'SnapMix found no last feature map', 'give --arch small or --arch resnet18']),
+    (['--mix', 'none,manifold', '--arch', 'vit'], ['--mix manifold and --arch vit', 'ManifoldMixup found no hidden place', 'give --arch small or --arch resnet18']),
+    (['--mix', 'none,cutmix,snapmix', '--decoupled', '0.1'], ['--mix snapmix with --decoupled 0.1', 'use decoupled=0 with SnapMix', 'leave snapmix out of --mix, or give --decoupled 0']),
+    (['--mix', 'none,transmix', '--arch', 'resnet18'], ['--mix transmix and --arch resnet18', 'TransMix found no attention module', 'give --arch vit']),
     (['--arch', 'vit', '--size', '2'], ['--arch vit with --size 2']),
     (['--arch', 'resnet18', '--bs', '1', '--n-train', '8'], ['--arch resnet18 with --size 16 and --bs 1', 'Expected more than 1 value per channel']),
 ])
