@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_calibration.ipynb #c8a00002
 from __future__ import annotations
-import math
+import math, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import Tensor
@@ -112,11 +112,17 @@ class ECE(Metric):
         if isinstance(pred, (tuple, list)) or isinstance(y, (tuple, list)) or pred.ndim != 2 or y.ndim != 1 or y.is_floating_point():
             raise ValueError(f"ECE needs a classifier's outputs (batch, classes) and class indices (batch,), got {getattr(pred, 'shape', type(pred))} and {getattr(y, 'shape', type(y))}")
         self.probs.append(pred.detach().float().softmax(-1).cpu()); self.targs.append(y.detach().cpu())
+    def _finite(self) -> bool: return all(bool(p.isfinite().all()) for p in self.probs) # on the CPU copies: no device sync
     @property
-    def bins(self) -> dict|None: # `calibration_bins` of the last validation
-        return calibration_bins(torch.cat(self.probs), torch.cat(self.targs), self.n_bins) if self.probs else None
+    def bins(self) -> dict|None: # `calibration_bins` of the last validation; None without predictions, or when some are NaN
+        return calibration_bins(torch.cat(self.probs), torch.cat(self.targs), self.n_bins) if self.probs and self._finite() else None
     @property
-    def value(self): return None if (b := self.bins) is None else bins_ece(b)
+    def value(self):
+        if not self.probs: return None
+        if self._finite(): return bins_ece(self.bins)
+        warnings.warn("ECE: the model's outputs on the validation set hold NaN or inf (a diverged run?): their softmax has no confidence to bin, "
+                      "so the ECE is NaN", RuntimeWarning)
+        return math.nan # as the loss of such a run: the fit goes on
     @property
     def name(self): return 'ece'
     def __repr__(self): return f"ECE(n_bins={self.n_bins})"

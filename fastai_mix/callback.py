@@ -20,8 +20,8 @@ from .core import *
 from .core import _unmixed, _as_list, _ce_params, _alone
 
 # %% auto #0
-__all__ = ['mixes_loss', 'check_targets', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp', 'CutMix', 'ResizeMix',
-           'MixChoice', 'train_class_counts']
+__all__ = ['mixes_loss', 'check_targets', 'check_option_limits', 'rank_seed', 'rank_draws', 'MixedLoss', 'MixHandler', 'MixUp',
+           'CutMix', 'ResizeMix', 'MixChoice', 'train_class_counts']
 
 # %% ../nbs/01_callback.ipynb #5317b8a2
 def _is_index(y:Tensor, ref:Tensor) -> bool:
@@ -81,6 +81,21 @@ def _given_to_one_call() -> bool:
     return f is not None
 
 def _names(ms) -> str: return ' and '.join([', '.join(ms[:-1]), ms[-1]] if len(ms) > 1 else ms)
+
+def check_option_limits(
+    mixer, # A mixer or a mixer class: its `option_limits` are read
+    opts:dict, # {option: value}: the `MixHandler` options it would mix with
+    given:str|None=None, # Who gives them ('MixChoice'); None: the mixer itself
+):
+    "Raise `ValueError` when a value of `opts` is one that `mixer` declares it cannot mix with (`option_limits`), naming the mixer, the option, why, and what it takes"
+    cls = mixer if isinstance(mixer, type) else type(mixer)
+    name = cls.__name__
+    for k, (ok, why) in cls.option_limits.items():
+        if k not in opts or opts[k] in ok: continue
+        takes = f"{k}={ok[0]!r}" if len(ok) == 1 else f"{k}={_names([repr(o) for o in ok]).replace(' and ', ' or ')}"
+        if given is None: raise ValueError(f"{name}({k}={opts[k]!r}): {why}: use {takes} with {name}")
+        raise ValueError(f"{given}({k}={opts[k]!r}) gives {k} to every mixer it holds, but {name} cannot mix with it: {why}. {name} takes {takes} "
+                         f"only: give the {given} {takes}, or leave {name} out of it")
 
 def _checked_mix(caller:str, xb:tuple, yb:tuple, res, ref:Tensor) -> tuple:
     "What `mix` returned, checked against the subclass contract, with a share given as a number or a 0-d tensor made one share for the batch"
@@ -161,6 +176,7 @@ class MixHandler(Callback):
     _choice = None # the `MixChoice` that holds this mixer, if any
     _counts = _alone = _policy_mask = _show_dl = None # class counts on the device; samples left alone this epoch; see `left_alone`
     per_sample_choice = True # whether `MixChoice(per_sample=True)` can hold it (a mixer that mixes inside the model cannot)
+    option_limits = {} # {option: (the values it takes, why)}: `MixHandler` options this mixer cannot mix with otherwise, refused when it is made and by a `MixChoice` that would give them
     def __init__(self,
         alpha:float=0.5, # Concentration of Beta(`alpha`, `alpha`): < 1 mild mixes, 1 uniform, > 1 strong mixes
         p:float=1.0, # Probability that a batch (or, for per-sample mixers, a sample) is mixed at all
@@ -176,6 +192,7 @@ class MixHandler(Callback):
         self.alpha, self.p, self.stop_pct = check_alpha(alpha), check_share(p, 'p'), check_share(stop_pct, 'stop_pct')
         self.decoupled, self.label_mode = check_decoupled(decoupled), check_label_mode(label_mode)
         self.partner, self.sigma, self.class_counts, self.remix = check_partner(partner, sigma, class_counts, remix)
+        check_option_limits(self, self._options())
         self._init_state()
 
     def _init_state(self): self.perm = self.lam = self.lam1 = self.yb1 = self._old_lf = None # `lam1`: the partners' own weight, set by `mix` (SnapMix); None: 1 - lam
@@ -216,6 +233,15 @@ class MixHandler(Callback):
         learn = self._sched_learn(name)
         v = _scheduled(learn, name) if learn is not None else None
         return getattr(self, name) if v is None else (check_alpha if name == 'alpha' else check_share)(v, f'mix_{name}')
+
+    def _options(self) -> dict:
+        "The `MixHandler` options this mixer mixes with: its own, with the `decoupled` and `label_mode` of the `MixChoice` that holds it"
+        c = self if self._choice is None else self._choice
+        return dict(decoupled=c.decoupled, label_mode=c.label_mode, partner=self.partner, sigma=self.sigma, class_counts=self.class_counts, remix=self.remix)
+
+    def _check_limits(self):
+        "Refuse an option this mixer cannot mix with (its `option_limits`), given to it or to its `MixChoice` after either was made"
+        check_option_limits(self, self._options(), None if self._choice is None else 'MixChoice')
 
     def _label_mode(self) -> str:
         "The `label_mode` this mixer mixes with: its own, or that of the `MixChoice` that holds it"
@@ -466,11 +492,13 @@ class MixChoice(MixHandler):
         own = [f"{type(m).__name__}({k}={getattr(m, k)!r})" for m in self.mixers for k, v in (('decoupled', 0.), ('label_mode', 'blend')) if getattr(m, k) != v]
         if own: raise ValueError(f"MixChoice applies its own decoupled= and label_mode= to every pick, but {', '.join(own)} sets its own: give the "
                                  "option to the MixChoice (MixChoice([...], decoupled=.1)) and leave the mixers it holds at their defaults")
-        for m in self.mixers: m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice
-        self._pass_partner()
+        passed = self._passed_options() # checked for every mixer before any is changed: a choice refused leaves its mixers as they were
+        for m, opts in zip(self.mixers, passed):
+            m.partner, m.sigma, m.class_counts, m.remix = (opts[k] for k in _partner_opts)
+            m._choice = self # a `ParamScheduler` on `mix_alpha` reaches them through the choice, and they mix with its `decoupled` and `label_mode`
 
-    def _pass_partner(self):
-        "Give the choice's partner options to each mixer left at the defaults; refuse a mixer set otherwise"
+    def _passed_options(self) -> list[dict]:
+        "The partner options each mixer will mix with (the choice's, for a mixer left at the defaults), checked with what it can mix with"
         defaults = {k: inspect.signature(MixHandler.__init__).parameters[k].default for k in _partner_opts}
         for k in _partner_opts:
             mine = getattr(self, k)
@@ -479,9 +507,13 @@ class MixChoice(MixHandler):
                 theirs = getattr(m, k)
                 if theirs != defaults[k] and theirs != mine: raise ValueError(
                     f"MixChoice({k}={mine!r}) holds {type(m).__name__}({k}={theirs!r}): give {k} to the choice or to its mixers, not both")
+        res = []
         for m in self.mixers: # checked together again: the options as each mixer ends up with them
-            opts = {k: getattr(self, k) if getattr(self, k) != defaults[k] else getattr(m, k) for k in _partner_opts}
-            m.partner, m.sigma, m.class_counts, m.remix = check_partner(**opts)
+            given = {k: getattr(self, k) if getattr(self, k) != defaults[k] else getattr(m, k) for k in _partner_opts}
+            opts = dict(zip(_partner_opts, check_partner(**given)))
+            check_option_limits(m, dict(opts, decoupled=self.decoupled, label_mode=self.label_mode), 'MixChoice')
+            res.append(opts)
+        return res
 
     def before_batch(self):
         self._pct = self.learn.pct_train # the mixers whose own `stop_pct` has passed are no longer picked
@@ -489,6 +521,7 @@ class MixChoice(MixHandler):
     def after_batch(self): self._pct = None; super().after_batch()
     def before_fit(self):
         self._pct = None; super().before_fit()
+        for m in self.mixers: m._check_limits() # an option set on the choice after it was made: refused before any batch, whichever mixer is picked first
         for m in self.mixers: m._prime_counts(self.learn)
     def _reset(self):
         super()._reset()

@@ -623,6 +623,39 @@ def _start_worker(use_cuda, threads:int|None):
     defaults.use_cuda = use_cuda
     if threads is not None: torch.set_num_threads(threads)
 
+def _check_runs(
+    names:list, # The runs' mixers, as `make_mixer` names them ('none', 'cutmix', 'cutmix+dm'...)
+    arch:str, # --arch
+    size:int, # --size
+    bs:int, # --bs
+    lr:float, # --lr
+    n_in:int, # Channels of the data's images (3, or 1 for Fashion-MNIST)
+    n_out:int, # Number of classes of the data
+    decoupled:float, # --decoupled
+    threads:int|None=None, # torch's CPU threads meanwhile (put back after)
+):
+    "Build each run's model and mixer and train them on one batch of random images of the data's shape, as `train_mixer` does: a `DemoError` that names the options of a run that cannot train"
+    from fastai.torch_core import no_random
+    g = torch.Generator().manual_seed(0)
+    x, y, vocab = torch.randint(0, 256, (2 * bs, n_in, size, size), dtype=torch.uint8, generator=g), torch.arange(2 * bs) % n_out, [str(i) for i in range(n_out)]
+    def fails(name:str, arch:str) -> str|None: # why run `name` cannot train with `arch`, or None
+        try:
+            dls = array_dls(ArrayImages(x[:bs], y[:bs], vocab), ArrayImages(x[bs:], y[bs:], vocab), bs=bs)
+            model = make_model(arch, n_out, n_in=n_in, size=size)
+            learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, ECE()], cbs=make_mixer(name, model, decoupled))
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
+        except (ValueError, TypeError, RuntimeError, ImportError) as e:
+            msg = str(e) # without the line fastai puts before an error in a callback
+            return msg.split('\n\t', 1)[-1] if msg.startswith('Exception occured in') else msg
+    with no_random(0), torch_threads(threads): # the random states are put back: the runs are seeded on their own anyway
+        for name in dict.fromkeys(['none', *names]): # the model alone first: what fails there is the model's
+            if (why := fails(name, arch)) is None: continue
+            base, dm = name.removesuffix('+dm'), name.endswith('+dm')
+            if base == 'none': raise DemoError(f"--arch {arch} with --size {size} and --bs {bs} cannot train: {why}")
+            fit = [a for a in ARCHS if a != arch and fails(name, a) is None] # only on this way out: which arch would do
+            raise DemoError(f"--mix {base}" + (f" with --decoupled {decoupled}" if dm else '') + f" and --arch {arch} (--size {size}, --bs {bs}) cannot train: "
+                            f"{why.rstrip('.')}. For this run: " + (f"give --arch {' or --arch '.join(fit)}" if fit else f"leave {base} out of --mix" + (", or give --decoupled 0" if dm else '')))
+
 FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3)
 
 def run_demo(
@@ -648,8 +681,7 @@ def run_demo(
     for m in mix: make_mixer(m) # check the names before any work
     decoupled = check_decoupled(decoupled)
     names = [n for m in mix for n in ((m, f'{m}+dm') if decoupled and m != 'none' else (m,))] # each mixer, then its decoupled twin
-    make_model(arch, 2); noise = check_noise(noise)
-    if 'transmix' in mix and arch != 'vit': raise DemoError(f"--mix transmix reads the attention of a vision transformer; --arch {arch} has none: give --arch vit")
+    noise = check_noise(noise)
     if n_train is not None and n_train < 1: raise ValueError(f"n_train must be a positive number of images, got {n_train!r}")
     if seeds < 1: raise ValueError(f"seeds must be a positive number of seeds, got {seeds!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -661,12 +693,13 @@ def run_demo(
     fashion = isinstance(data, str) and data == FASHION_MNIST
     if root is not None and not fashion:
         raise DemoError(f"--root {root} is the folder of Fashion-MNIST's files, for --data {FASHION_MNIST} only: leave it out, or add --data {FASHION_MNIST}")
+    if n_train is not None and n_train < bs:
+        raise DemoError(f"--bs {bs} is more than the {n_train} training images of --n-train, so there is no full training batch: give a smaller --bs or a larger --n-train")
     if fashion:
-        if n_train is not None and n_train < bs:
-            raise DemoError(f"--bs {bs} is more than the {n_train} training images of --n-train, so there is no full training batch: give a smaller --bs or a larger --n-train")
         try: files = find_fashion_mnist(root)
         except DataNotFoundError as e: raise DemoError(str(e)) from None
-    elif data is not None: check_data(data, out)
+    n_out = len(FASHION_MNIST_CLASSES) if fashion else 10 if data is None else len(check_data(data, out))
+    _check_runs(names, arch, size, bs, lr, 1 if fashion else 3, n_out, decoupled, threads) # every run's model and mixer, on one batch, before any work
     own_dir(out) # before anything is written
     staged = not fashion and (data is None or noise > 0 or n_train is not None) # else the images are read in place
     images = fresh_dir(out/('digits' if data is None else 'data')) if staged else Path(files['train_images']).parent if fashion else Path(data)

@@ -205,6 +205,11 @@ class SnapMix(MixHandler):
     "SnapMix (Huang et al. 2021, https://arxiv.org/abs/2012.04846): a box of a random partner resized into another box, labels weighted by class activation maps"
     _stateattrs = MixHandler._stateattrs + ('_parts',) # the modules found in the learner's model: not pickled by `learn.export`
     _parts = None
+    option_limits = dict( # refused when it is made, and by a `MixChoice` that would give them to it
+        decoupled=((0,), "the decoupled mixup term is defined for shares lam and 1 - lam, but SnapMix's two weights need not sum to 1"),
+        remix=((None,), "SnapMix weighs each label by its class activation map, which Remix's rule would overwrite (partner='balanced' pairs rare classes more often)"),
+        label_mode=(('blend',), "SnapMix weighs class-index labels, one class per image, and label_mode='union' is for multi-label float targets"),
+        partner=(('random', 'balanced', 'same_class', 'other_class'), "SnapMix pairs images by their class index, and partner='kernel' by dense float targets (regression)"))
     @delegates(MixHandler.__init__)
     def __init__(self,
         alpha:float=5.0, # Concentration of Beta(`alpha`, `alpha`) for each box's share (the paper's 5: boxes of about half the image)
@@ -214,20 +219,12 @@ class SnapMix(MixHandler):
         head:nn.Module|str|None=None, # The classifier after it: an `nn.Linear` after global average pooling (CAM), or what maps the feature map to the logits (Grad-CAM)
         cam_every:int=1, # Maps for every `cam_every`-th training batch; the batches between get the kept areas as weights
         stop_pct:float=1.0, # Stop mixing once this share of training is done
-        **kwargs, # `MixHandler`'s options (`label_mode`; `decoupled` is refused: SnapMix's weights need not sum to 1)
+        **kwargs, # `MixHandler`'s options (`partner`, `class_counts`; `decoupled`, `remix`, label_mode='union' and partner='kernel' are refused: see `option_limits`)
     ):
-        super().__init__(alpha, p, stop_pct, **kwargs)
-        self._check_decoupled()
-        if self.remix is not None: raise ValueError(f"SnapMix(remix={self.remix!r}): SnapMix weighs each label by its class activation map, "
-            "which Remix's rule would overwrite: use remix=None with SnapMix (partner='balanced' pairs rare classes more often)")
+        super().__init__(alpha, p, stop_pct, **kwargs) # checks `option_limits`
         self.per_sample, self.cam_every = check_flag(per_sample, 'per_sample'), _check_every(cam_every)
         self.feature_module, self.head = _check_part(feature_module, 'feature_module'), _check_part(head, 'head')
     __repr__ = basic_repr('alpha,p,per_sample,cam_every,stop_pct')
-    def _check_decoupled(self):
-        d = self._choice.decoupled if self._choice is not None else self.decoupled
-        if d: raise ValueError(f"{'MixChoice' if self._choice is not None else 'SnapMix'}(decoupled={d}): the decoupled mixup term is defined for shares "
-                               "lam and 1 - lam, but SnapMix's two weights need not sum to 1: use decoupled=0 with SnapMix")
-
     def _learner(self):
         learn = super()._learner()
         if learn is None: raise ValueError("SnapMix reads class activation maps from the learner's model: give it to a learner (cbs=SnapMix(), "
@@ -242,8 +239,6 @@ class SnapMix(MixHandler):
 
     def _draw_partners(self, y:Tensor, device) -> Tensor:
         "Each sample's partner: a random permutation, or drawn by `partner` ('balanced', 'same_class', 'other_class'), on the device"
-        if self.remix is not None: raise ValueError(f"SnapMix(remix={self.remix!r}) (given by its MixChoice): SnapMix weighs each label by its class "
-                                                    "activation map, which Remix's rule would overwrite: use remix=None")
         if self.partner == 'random': return torch.randperm(len(y), device=device)
         _policy_target((y,), len(y), self.partner, None, 'SnapMix') # a policy that does not fit class indices is refused
         counts = self._class_counts(device) if self.partner == 'balanced' else None
@@ -252,7 +247,7 @@ class SnapMix(MixHandler):
     def mix(self, xb, yb, inplace=None): # never in place: the maps are read from the unmixed batch
         "Paste a partner's box, resized, into another box; return the sample's label weights as `lam` and set `lam1`, its partner's"
         self.lam1 = None
-        self._check_decoupled()
+        self._check_limits() # an option set on it or on its MixChoice after they were made
         xs, single, ref = _inputs(xb, None, 'SnapMix')
         size = _spatial_size(xs, 'SnapMix')
         if len(size) != 2: raise ValueError(f"SnapMix reads class activation maps of images (N, C, H, W), got inputs of shape {tuple(ref.shape)}")

@@ -168,15 +168,14 @@ def attention_matrix(
         f"{len(seen)} times in the module's forward instead of once: TransMix reads {_READS}")
     return seen[0]
 
-def _no_union(who:str) -> str:
-    return (f"{who}: TransMix shares each label by the model's attention, but label_mode='union' gives each sample the element-wise max of the two "
-            "label vectors whatever the shares, so the attention would change nothing. Use label_mode='blend' (the default) with TransMix, or "
-            "CutMix(label_mode='union') for the union of multi-label targets")
-
 class TransMix(_ForwardHooks, MixHandler):
     "TransMix (Chen et al. 2022, https://arxiv.org/abs/2111.09833): paste a box as CutMix, share the labels by the class token's attention on each image's patches"
     _stateattrs = MixHandler._stateattrs + ('_pending', '_found')
     per_sample_choice = False # the shares are written for the whole batch: `MixChoice(per_sample=False)` holds it
+    option_limits = dict(
+        remix=((None,), "TransMix shares each label by the model's attention, which Remix's rule would overwrite (partner='balanced' pairs rare classes more often)"),
+        label_mode=(('blend',), "TransMix shares each label by the model's attention, but label_mode='union' gives each sample the element-wise max of the "
+                                "two label vectors whatever the shares, so the attention would change nothing (CutMix(label_mode='union') takes the union of multi-label targets)"))
     _found = None # (the model's modules, the attention module, its name, the prefix tokens, the pooling, the patch embedding): found once per model
     @delegates(MixHandler.__init__)
     def __init__(self,
@@ -191,10 +190,7 @@ class TransMix(_ForwardHooks, MixHandler):
         patch_share:str='pixels', # How much of a patch counts as pasted: 'pixels', the share of its pixels in the box; 'nearest', all or none as the official code
         **kwargs, # Keyword-only options of `MixHandler`: `decoupled`, `partner`, `sigma`, `class_counts` (`remix` and label_mode='union' are refused)
     ):
-        super().__init__(alpha, p, stop_pct, **kwargs)
-        if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
-                                                    "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
-        if self.label_mode == 'union': raise ValueError(_no_union("TransMix(label_mode='union')"))
+        super().__init__(alpha, p, stop_pct, **kwargs) # checks `option_limits`
         self.per_sample, self.minmax, self.inplace = check_flag(per_sample, 'per_sample'), check_minmax(minmax), check_flag(inplace, 'inplace')
         self.area_weight = check_share(area_weight, 'area_weight')
         if not (isinstance(patch_share, str) and patch_share in ('pixels', 'nearest')): raise ValueError(
@@ -239,20 +235,10 @@ class TransMix(_ForwardHooks, MixHandler):
         self._found = key, mod, name, *token_layout(inner), patch_embedding(inner)
         return mod
 
-    def _refuse_union(self):
-        if self._label_mode() == 'union': raise ValueError(_no_union("MixChoice(label_mode='union') holds TransMix"))
-
-    def _prime_counts(self, learn):
-        "Before a fit's first batch: the class counts as `MixHandler`'s, and the refusal of the union label mode of a `MixChoice` holding TransMix"
-        self._refuse_union()
-        super()._prime_counts(learn)
-
     def mix(self, xb, yb, inplace=None):
         "Paste as CutMix; on the learner's training batch, hook the model to read the shares from its forward pass (elsewhere, read them now)"
         self._drop_hooks() # a hook of an earlier batch left by an interrupt
-        if self.remix is not None: raise ValueError(f"TransMix(remix={self.remix!r}): TransMix shares each label by the model's attention, which Remix's "
-                                                    "rule would overwrite: use remix=None (partner='balanced' pairs rare classes more often)")
-        self._refuse_union()
+        self._check_limits() # an option set on it or on its MixChoice after they were made
         ref = next((o for o in xb if o.is_floating_point()), xb[0])
         if ref.ndim != 4: raise ValueError(f"TransMix pastes boxes into images (N, C, H, W) cut into patches, got inputs of shape {tuple(ref.shape)}")
         learn = self._learner()

@@ -1,4 +1,5 @@
 "fastai_mix.calibration: ECE on hand-made predictions, against a transcription of Guo et al.'s code, the bins, the metric and the diagram"
+import math
 import numpy as np, pytest, torch
 from fastcore.test import test_eq as eq_, test_close as close_, test_fail as fail_
 from fastai.torch_core import no_random
@@ -100,3 +101,32 @@ def test_plot_reliability(tmp_path):
     fig = plot_reliability({'none': calibration_bins(p, t), 'mixup': calibration_bins(p, 1 - t), 'cutmix': calibration_bins(p, t)}, tmp_path/'c.png', ncols=2)
     assert (tmp_path/'c.png').stat().st_size > 0
     eq_([ax.get_title() for ax in fig.axes if ax.get_visible()], ['none: ECE 30.0%', 'mixup: ECE 36.7%', 'cutmix: ECE 30.0%'])
+
+class Diverged(torch.nn.Module):
+    "A linear classifier that trains as usual, but whose outputs in eval mode hold inf and NaN: a run that diverged, as its validation sees it"
+    def __init__(self, n_in:int, c:int): super().__init__(); self.lin = torch.nn.Linear(n_in, c)
+    def forward(self, x):
+        out = self.lin(x.flatten(1))
+        if self.training: return out
+        out = out.clone()
+        out[::3, 0], out[1::3, 1] = float('inf'), float('nan') # a third of the rows left finite
+        return out
+
+def test_metric_of_a_diverged_run_is_nan():
+    "A validation whose outputs hold inf/NaN: the fit completes, the recorder holds NaN for ece beside accuracy's number (issue 29, item 9)"
+    with no_random(0): learn = synth_learner(c=4)
+    learn.model, learn.metrics = Diverged(3 * 8 * 8, 4), [accuracy, ECE()]
+    with learn.no_logging(), learn.no_bar(), no_random(1), pytest.warns(RuntimeWarning, match='NaN or inf'): learn.fit(2, 1e-2)
+    eq_(len(learn.recorder.values), 2) # both epochs ran to the end
+    eq_(learn.recorder.metric_names[-3:-1], ['accuracy', 'ece'])
+    for row in learn.recorder.values:
+        acc, e = row[-2:]
+        assert 0 <= acc <= 1 and math.isnan(e), row
+    eq_(learn.metrics[1].bins, None) # no bins for a reliability diagram of NaN predictions
+    learn.model = torch.nn.Sequential(torch.nn.Flatten(), learn.model.lin) # the same weights, finite outputs: a number again
+    with learn.no_bar(): v = learn.validate()[-1]
+    probs, targs = learn.get_preds()
+    close_(v, ece(probs, targs))
+    masked = torch.tensor([[0., -float('inf'), 1.]] * 4) # -inf logits of masked classes: finite probabilities, a real ECE
+    learn.metrics[1].reset(); learn.metrics[1].probs, learn.metrics[1].targs = [masked.softmax(1)], [torch.tensor([0, 2, 2, 2])]
+    assert math.isfinite(learn.metrics[1].value)

@@ -318,3 +318,58 @@ def test_cuda_no_host_sync(mixer, loss_func):
     m = mixers_on(learn)[0]
     fit_without_sync(learn)
     assert learn.loss_func is loss_func
+
+
+# MixChoice refuses, when it is made, an option that one of its mixers cannot mix with (issue 29, item 6)
+from fastai_mix import MixChoice
+from fastai_mix.fmix import FMix
+from fastai_mix.manifold import ManifoldMixup, OutputMixup
+from fastai_mix.snapmix import SnapMix
+from fastai_mix.transmix import TransMix
+
+def test_choice_refuses_what_its_mixers_cannot_mix_with():
+    "The issue's two choices are refused when made, naming the mixer, the option and what it takes, not when that mixer is first picked"
+    with pytest.raises(ValueError) as e: MixChoice([MixUp(), SnapMix()], decoupled=.1)
+    msg = str(e.value)
+    assert 'MixChoice(decoupled=0.1)' in msg and 'SnapMix cannot mix with it' in msg and 'SnapMix takes decoupled=0 only' in msg, msg
+    with pytest.raises(ValueError) as e: MixChoice([CutMix(), TransMix()], remix=(3, .5))
+    msg = str(e.value)
+    assert 'MixChoice(remix=(3.0, 0.5))' in msg and 'TransMix cannot mix with it' in msg and 'TransMix takes remix=None only' in msg, msg
+    for opts, takes in [(dict(label_mode='union'), "label_mode='blend'"), (dict(partner='kernel'), "partner='random', 'balanced', 'same_class' or 'other_class'")]:
+        with pytest.raises(ValueError, match='SnapMix cannot mix with it') as e: MixChoice([MixUp(), SnapMix()], **opts)
+        assert takes in str(e.value), str(e.value)
+    MixChoice([MixUp(), SnapMix(), TransMix()], partner='balanced') # what they all take is given
+
+MIXER_CLASSES = [MixUp, CutMix, ResizeMix, FMix, ManifoldMixup, OutputMixup, SnapMix, TransMix]
+OPTIONS = [dict(decoupled=.1), dict(label_mode='union'), dict(partner='kernel'), dict(partner='kernel', sigma=.5), dict(partner='balanced'),
+           dict(partner='balanced', class_counts=[4, 4, 4, 4]), dict(partner='same_class'), dict(partner='other_class'), dict(remix=(3, .5))]
+
+def refusal(f) -> str|None:
+    try: f()
+    except ValueError as e: return str(e)
+    return None
+
+@pytest.mark.parametrize('cls', MIXER_CLASSES)
+def test_choice_refuses_exactly_what_each_mixer_refuses(cls):
+    "Every option a MixChoice passes to its mixers is refused by the choice when made exactly where the mixer given it alone refuses it, naming the mixer"
+    for opts in OPTIONS:
+        alone, chosen = refusal(lambda: cls(**opts)), refusal(lambda: MixChoice([MixUp(), cls()], **opts))
+        eq_((opts, alone is None), (opts, chosen is None))
+        if chosen: assert f'{cls.__name__} cannot mix with it' in chosen and 'MixChoice(' in chosen, chosen
+
+def test_refused_choice_leaves_its_mixers_as_they_were():
+    "A choice refused when made gives none of its options to the mixers it was given: one of them then mixes alone as it was made"
+    cut = CutMix()
+    with pytest.raises(ValueError, match='give partner to the choice or to its mixers, not both'):
+        MixChoice([MixUp(partner='same_class'), cut], partner='balanced', label_mode='union')
+    spy = MixSpy()
+    learn = synth_learner(loss_func=BCEWithLogitsLossFlat(), multi_label=True, cbs=[cut, spy], shape=(3, 16, 16), n=32, bs=16)
+    learn.fit(1, lr=0)
+    assert spy.records
+    for r in spy.records: # blended by the shares (label_mode='blend', its own), not the union the refused choice asked for
+        y, lam = r['y'][0], torch.as_tensor(r['lam']).reshape(-1, 1)
+        close_(r['ym'][0], lam * y + (1 - lam) * y[r['perm']])
+    eq_((cut.partner, cut._choice), ('random', None))
+    snap = SnapMix()
+    with pytest.raises(ValueError, match='SnapMix cannot mix with it'): MixChoice([MixUp(), snap], partner='kernel')
+    eq_((snap.partner, snap._choice), ('random', None))

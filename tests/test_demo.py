@@ -235,3 +235,23 @@ def test_tabular_command(capsys):
     main(['tabular', '--dataset', 'wine', '--seeds', '2', '--epochs', '1'])
     out = capsys.readouterr().out
     assert 'wine: error rate %: none' in out and 'paired difference' in out and 'over 2 seeds' in out
+
+@pytest.mark.parametrize('argv, names', [
+    (['--mix', 'none,snapmix', '--arch', 'vit'], ['--mix snapmix and --arch vit', 'SnapMix found no last feature map', 'give --arch small or --arch resnet18']),
+    (['--mix', 'none,manifold', '--arch', 'vit'], ['--mix manifold and --arch vit', 'ManifoldMixup found no hidden place', 'give --arch small or --arch resnet18']),
+    (['--mix', 'none,cutmix,snapmix', '--decoupled', '0.1'], ['--mix snapmix with --decoupled 0.1', 'use decoupled=0 with SnapMix', 'leave snapmix out of --mix, or give --decoupled 0']),
+    (['--mix', 'none,transmix', '--arch', 'resnet18'], ['--mix transmix and --arch resnet18', 'TransMix found no attention module', 'give --arch vit']),
+    (['--arch', 'vit', '--size', '2'], ['--arch vit with --size 2']),
+    (['--arch', 'resnet18', '--bs', '1', '--n-train', '8'], ['--arch resnet18 with --size 16 and --bs 1', 'Expected more than 1 value per channel']),
+])
+def test_runs_that_cannot_train_are_usage_errors(tmp_path, capsys, monkeypatch, argv, names):
+    "A mixer, arch and options that cannot train together stop the command with a usage error naming them, before anything is written or trained (issue 29, item 8)"
+    from fastai_mix import demo
+    def no_training(*args, **kwargs): raise AssertionError('a run started')
+    monkeypatch.setattr(demo, '_train_run', no_training)
+    monkeypatch.setattr(demo, 'train_mixer', no_training)
+    with pytest.raises(SystemExit) as e: main(['demo', '--epochs', '1', '--seeds', '1', '--jobs', '1', *argv, '--out', str(tmp_path/'out')])
+    eq_(e.value.code, 2)
+    err = capsys.readouterr().err
+    assert 'cannot train' in err and all(n in err for n in names), err
+    assert not (tmp_path/'out').exists() # nothing written

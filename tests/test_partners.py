@@ -339,10 +339,9 @@ def test_every_mixer_kernel_self_pairs(name):
     eq_(mixer.left_alone(), n_alone)
 
 def test_kernel_refused_on_class_indices_snapmix_transmix():
-    "SnapMix and TransMix read class indices: partner='kernel' is refused there at the first batch, as on every mixer"
+    "SnapMix reads class indices only: partner='kernel' is refused when it is made; TransMix, on class indices, at the first batch, as every mixer"
     from fastai_mix import SnapMix, TransMix
-    with pytest.raises(ValueError, match="partner='kernel' draws partners by the distance"):
-        SnapMix(partner='kernel')._draw_partners(torch.tensor([0, 1, 0, 1]), 'cpu')
+    with pytest.raises(ValueError, match=r"SnapMix\(partner='kernel'\): SnapMix pairs images by their class index"): SnapMix(partner='kernel')
     with pytest.raises(ValueError, match="partner='kernel' draws partners by the distance"):
         TransMix(partner='kernel').mix((torch.rand(4, 3, 8, 8),), (torch.tensor([0, 1, 0, 1]),))
 

@@ -309,7 +309,10 @@ def test_errors():
     with pytest.raises(TypeError, match='feature_module must be None, a module'): SnapMix(feature_module=3)
     with pytest.raises(ValueError, match='alpha must be'): SnapMix(alpha=0)
     with pytest.raises(ValueError, match=r"SnapMix\(decoupled=0.1\).*use decoupled=0 with SnapMix"): SnapMix(decoupled=.1)
-    learn = Learner(coord_dls(), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=MixChoice([SnapMix()], decoupled=.1))
+    with pytest.raises(ValueError, match=r"MixChoice\(decoupled=0.1\) gives decoupled to every mixer it holds, but SnapMix"): MixChoice([SnapMix()], decoupled=.1)
+    choice = MixChoice([SnapMix()])
+    choice.decoupled = .1 # set after the choice was made: refused at the first batch
+    learn = Learner(coord_dls(), linear_cnn(), loss_func=CrossEntropyLossFlat(), cbs=choice)
     with pytest.raises(ValueError, match=r"MixChoice\(decoupled=0.1\)"): learn.fit(1)
     with pytest.raises(ValueError, match='use decoupled=0 with them'): mix_loss(nn.CrossEntropyLoss(), torch.randn(2, 3), (torch.tensor([0, 1]),), (torch.tensor([1, 0]),), torch.ones(2), decoupled=.1, lam1=torch.zeros(2))
     with pytest.raises(ValueError, match="give it to a learner"): SnapMix().show_batch(coord_dls())

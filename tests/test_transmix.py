@@ -303,16 +303,19 @@ def test_partner_policy_and_decoupled():
 # (rotary embeddings, BEiT's and EVA's q/v biases), and the models TransMix reads or refuses
 
 def test_label_mode_union_refused():
-    "label_mode='union' gives each sample the union of the two multi-label vectors whatever the shares: TransMix refuses it when made, and in a MixChoice before the first batch"
+    "label_mode='union' gives each sample the union of the two multi-label vectors whatever the shares: TransMix refuses it when made, a MixChoice "
+    "holding it when the choice is made, and a choice set to it afterwards before the first batch"
     with pytest.raises(ValueError, match=r"TransMix\(label_mode='union'\).*whatever the shares.*CutMix\(label_mode='union'\)"): TransMix(label_mode='union')
+    with pytest.raises(ValueError, match=r"MixChoice\(label_mode='union'\) gives label_mode.*TransMix cannot mix with it"): MixChoice([TransMix(), CutMix()], label_mode='union')
     from fastai.losses import BCEWithLogitsLossFlat
     dls = DataLoaders(*[dl.new(num_workers=0) for dl in synth_dls(n=16, bs=8, shape=(3, 16, 16), c=3, multi_label=True).loaders])
     model, spy = vit(), MixSpy()
-    choice = MixChoice([TransMix(), CutMix()], label_mode='union')
+    choice = MixChoice([TransMix(), CutMix()])
+    choice.label_mode = 'union' # set after the choice was made
     learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), cbs=[choice, spy])
     learn.no_bar().__enter__(); learn.no_logging().__enter__()
     lf = learn.loss_func
-    with pytest.raises(ValueError, match=r"MixChoice\(label_mode='union'\) holds TransMix"): learn.fit(1, lr=0)
+    with pytest.raises(ValueError, match=r"MixChoice\(label_mode='union'\) gives label_mode.*TransMix cannot mix with it"): learn.fit(1, lr=0)
     eq_(spy.records, []); eq_(hooks(model), {}); assert learn.loss_func is lf
     choice.label_mode = 'blend' # blended by the shares, the targets follow the attention
     learn.fit(1, lr=0)
