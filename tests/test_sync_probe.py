@@ -99,8 +99,10 @@ def _tensors(o, out:list) -> list:
     return out
 
 def _name(func) -> str:
-    n = getattr(func, '__name__', None) or repr(func)
-    return f"Tensor.{n}" if getattr(func, '__objclass__', None) is not None or getattr(func, '__qualname__', '').startswith(('Tensor', 'TensorBase')) else n
+    "What code calls `func`: `Tensor.add`, `torch.where`, `F.cross_entropy`"
+    q = getattr(func, '__qualname__', '') or repr(func)
+    if q.startswith(('TensorBase.', 'Tensor.')): return 'Tensor.' + q.split('.', 1)[1]
+    return f"{'F' if getattr(func, '__module__', None) == 'torch.nn.functional' else 'torch'}.{getattr(func, '__name__', q)}"
 
 def _cuda(d) -> bool:
     "Whether `d` (a device, or its name) is a CUDA device"
@@ -360,18 +362,20 @@ FITS = { # name: (mixer, learner options); every option that takes another code 
     'resizemix-ps': (lambda: ResizeMix(per_sample=True), {}), 'resizemix-ps-mask': (lambda: ResizeMix(per_sample=True), dict(kind='seg')),
     'resizemix-ps-nearest': (lambda: ResizeMix(per_sample=True, interpolation='nearest'), {}),
     'resizemix-ps-balanced': (lambda: ResizeMix(per_sample=True, partner='balanced', p=.5), {}), 'resizemix-ps-bs1': (lambda: ResizeMix(per_sample=True), dict(bs=1, n=2)),
+    'resizemix-ps-bf16': (lambda: ResizeMix(per_sample=True), dict(bf16=True)),
     'fmix': (FMix, {}), 'fmix-soft': (lambda: FMix(max_soft=.2), {}), 'fmix-mask': (FMix, dict(kind='seg')), 'fmix-same': (lambda: FMix(partner='same_class'), {}),
     'fmix-ps': (lambda: FMix(per_sample=True), {}), 'fmix-ps-soft-p': (lambda: FMix(per_sample=True, max_soft=.2, p=.5), {}),
     'fmix-ps-balanced-remix': (lambda: FMix(per_sample=True, partner='balanced', remix=(3, .5)), {}), 'fmix-ps-union': (lambda: FMix(per_sample=True, label_mode='union'), dict(kind='multi')),
-    'fmix-bs1': (FMix, dict(bs=1, n=2)),
+    'fmix-bs1': (FMix, dict(bs=1, n=2)), 'fmix-bf16': (lambda: FMix(max_soft=.2), dict(bf16=True)),
     'transmix': (TransMix, dict(model='vit')), 'transmix-ps': (lambda: TransMix(per_sample=True), dict(model='vit')),
     'transmix-balanced': (lambda: TransMix(partner='balanced', p=.5), dict(model='vit')), 'transmix-dense': (TransMix, dict(model='vit', kind='multi')),
+    'transmix-ps-union': (lambda: TransMix(per_sample=True, label_mode='union'), dict(model='vit', kind='multi')),
     'transmix-bf16': (lambda: TransMix(per_sample=True), dict(model='vit', bf16=True)), 'transmix-bs1': (TransMix, dict(model='vit', bs=1, n=2)),
     'snapmix': (SnapMix, {}), 'snapmix-ps': (lambda: SnapMix(per_sample=True), {}), 'snapmix-gradcam': (SnapMix, dict(model='head')),
     'snapmix-ps-gradcam-same': (lambda: SnapMix(per_sample=True, partner='same_class'), dict(model='head')), 'snapmix-p': (lambda: SnapMix(p=.5, cam_every=2), {}),
     'snapmix-bf16': (lambda: SnapMix(per_sample=True), dict(bf16=True)), 'snapmix-bs1': (SnapMix, dict(bs=1, n=2)),
     'manifold': (ManifoldMixup, {}), # the default places, checked once per model (`ALLOWED`)
-    'manifold-list': (lambda: ManifoldMixup(module_list=['1'], use_input_mixup=False), {}), 'manifold-p-balanced': (lambda: ManifoldMixup(p=.5, partner='balanced'), {}),
+    'manifold-list': (lambda: ManifoldMixup(module_list=['1'], use_input_mixup=False), {}), 'manifold-p-balanced-remix': (lambda: ManifoldMixup(p=.5, partner='balanced', remix=(3, .5)), {}),
     'manifold-dense-union': (lambda: ManifoldMixup(label_mode='union', module_list=['1']), dict(kind='multi')),
     'manifold-kernel': (lambda: ManifoldMixup(partner='kernel', module_list=['1']), dict(kind='reg')), 'manifold-decoupled': (lambda: ManifoldMixup(decoupled=.1), {}),
     'manifold-bf16': (lambda: ManifoldMixup(module_list=['1'], use_input_mixup=False), dict(bf16=True)), 'manifold-bs1': (ManifoldMixup, dict(bs=1, n=2)),
