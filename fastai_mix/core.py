@@ -98,7 +98,8 @@ def _weighted_loss(loss_func, pred:Tensor, yb, yb1, lam, lam1) -> Tensor:
     with NoneReduce(loss_func) as lf: loss, loss1 = _plain(lf(pred, *yb)), _plain(lf(pred, *yb1))
     if loss.ndim == 0: raise TypeError(f"{loss_func!r} returned a scalar with reduction='none', but per-sample weights need one loss per sample")
     n = len(loss)
-    w, w1 = (torch.as_tensor(o, device=loss.device).to(loss.dtype).expand(n).reshape(n, 1) for o in (lam, lam1))
+    w, w1 = (o.to(loss.device, loss.dtype).expand(n).reshape(n, 1) if isinstance(o, Tensor) # a number is filled in on the device: not copied there
+             else torch.full((n, 1), float(o), dtype=loss.dtype, device=loss.device) for o in (lam, lam1))
     l0 = loss.reshape(n, -1)
     mixed = torch.where((w == 1) & (w1 == 0), l0, w * l0 + w1 * loss1.reshape(n, -1)) # a sample left alone is its own loss
     if reduction == 'mean' and cw is not None and len(yb) == 1 and not yb[0].is_floating_point(): # the weighted mean of the targets' class weights, as cross-entropy divides by
@@ -457,11 +458,24 @@ def _policy_target(y, n:int, partner:str, remix, caller:str) -> Tensor|None:
         f"{t.dtype} tensor of shape {tuple(t.shape)}" + (": for regression targets use partner='kernel'" if t.is_floating_point() else ""))
     return _plain(t).reshape(n) # a plain tensor: partners drawn from fastai's `TensorCategory` would stay one
 
+_count_tables = {} # (counts as numbers, or the id of a counts tensor; device) -> (the counts tensor or None, its version, the table): `_class_table`'s last 16
+
 def _class_table(class_counts, y:Tensor, what:str, caller:str) -> Tensor:
-    "float32 counts on `y`'s device, zeros raised to the smallest count above 0; a class index outside them raises (on a GPU, at its next sync)"
+    "float32 counts on `y`'s device, zeros raised to the smallest count above 0, made once per counts and device (no copy per batch); a class index outside them raises (on a GPU, at its next sync)"
     if class_counts is None: raise ValueError(f"{caller}: {what} weighs by the training data's class counts: give class_counts=[...] (one count per class index)")
-    c = (class_counts if isinstance(class_counts, Tensor) else torch.tensor(class_counts)).to(y.device, torch.float32)
-    c = torch.where(c > 0, c, c.masked_fill(c <= 0, math.inf).amin())
+    t = class_counts if isinstance(class_counts, Tensor) else None
+    key, version = (tuple(class_counts) if t is None else id(t), y.device), None if t is None or t.is_inference() else t._version
+    hit = _count_tables.get(key)
+    if hit is None or hit[0] is not t or hit[1] != version: # new counts, or a counts tensor changed in place since (the cache holds it: its id is not reused)
+        if t is None:
+            low = min(o for o in key[0] if o > 0)
+            c = torch.tensor([o if o > 0 else low for o in key[0]], dtype=torch.float32, device=y.device) # the one copy to the device
+        else:
+            c = t.to(y.device, torch.float32)
+            c = torch.where(c > 0, c, c.masked_fill(c <= 0, math.inf).amin())
+        if len(_count_tables) >= 16: del _count_tables[next(iter(_count_tables))]
+        hit = _count_tables[key] = t, version, c
+    c = hit[2]
     ok = (y >= 0) & (y < len(c))
     if y.is_cuda: torch._assert_async(ok.all(), f"class indices must be in [0, {len(c)}), the classes of class_counts")
     elif not ok.all(): raise ValueError(f"{caller}: class_counts has {len(c)} classes, but the targets hold the class indices {sorted(set(y[~ok].tolist()))[:5]}")
