@@ -898,7 +898,7 @@ class MixCollate:
         part = mix.keywords if isinstance(mix, functools.partial) else {} # a partial's options are checked as MixCollate's own
         opts = {k: kwargs[k] if k in kwargs else part[k] for k in ('partner', 'sigma', 'class_counts', 'remix') if k in kwargs or k in part}
         if opts: # the partner options together, as the mix will get them, before any batch
-            partner, _, _, remix = check_partner(**opts)
+            partner, _, counts, remix = check_partner(**opts)
             pol = {k: v for k, v in (('partner', partner), ('remix', remix)) if v not in ('random', None) and partner != 'kernel'}
             if num_classes is not None and pol:
                 where = {k: 'MixCollate' if k in kwargs else f"the functools.partial of {getattr(mix.func, '__name__', mix.func)}" for k in pol}
@@ -906,6 +906,10 @@ class MixCollate:
                     f"MixCollate(num_classes={num_classes}) turns class indices into one-hot float targets before the mix, but "
                     + ' and '.join(f"{k}={v!r} (given to {where[k]})" for k, v in pol.items()) + f" read{'s' * (len(pol) == 1)} class indices: leave num_classes out "
                     "(class-index batches then come as (x, y, y[perm], lam) for `mix_loss`)")
+            if counts is None and (partner == 'balanced' or remix is not None): raise ValueError( # no learner here to read them from
+                f"MixCollate: {'partner=' + repr(partner) if partner == 'balanced' else 'remix=' + repr(remix)} weighs by the training data's class counts, "
+                "and a collate function has no training data to read them from: give class_counts=[...] (one count per class index), e.g. "
+                "class_counts=torch.bincount(train_labels)")
         self.mix, self.num_classes, self.collate_fn, self.kwargs = mix, num_classes, collate_fn or default_collate, kwargs
 
     def _soft(self, y:Tensor, ref:Tensor) -> Tensor:
@@ -915,7 +919,8 @@ class MixCollate:
         if y.ndim == 1 or tuple(y.shape[1:]) == (1,): # class indices
             y = y.reshape(len(y)).long()
             bad = (y < 0) | (y >= c)
-            if bad.any(): raise ValueError(f"MixCollate(num_classes={c}) got class indices outside [0, {c}): {sorted(set(y[bad].tolist()))[:5]}")
+            if y.is_cuda: torch._assert_async(~bad.any(), f"MixCollate(num_classes={c}) got class indices outside [0, {c})") # no wait on the GPU
+            elif bad.any(): raise ValueError(f"MixCollate(num_classes={c}) got class indices outside [0, {c}): {sorted(set(y[bad].tolist()))[:5]}")
             return F.one_hot(y, c).float()
         if y.ndim == 2 and y.shape[1] == c: return y.float() # one-hot (or multi-hot) already
         if is_mask(y, len(ref), ref.shape[2:]): return y # a segmentation mask: pasted by the mixer

@@ -467,3 +467,13 @@ def test_show_batch_kernel_self_pairs():
     fig = MixUp(partner='kernel', sigma=.5).show_batch(dls, max_n=8, seed=0, show=False)
     assert "left alone (drawn as their own partner)" in fig._suptitle.get_text()
     assert any('its own partner: left alone' in ax.get_title() for ax in fig.axes)
+
+def test_collate_class_counts_needed_when_made():
+    "partner='balanced' and Remix weigh by the class counts, which a collate function has no training data to read: MixCollate refuses them "
+    "without class_counts when it is made (given to it or to the partial), not at the first batch"
+    from functools import partial
+    for mix, kw in [(mixup, dict(partner='balanced')), (cutmix, dict(remix=(3, .5))), (partial(resizemix, partner='balanced'), {}),
+                    (partial(cutmix, remix=(3, .5), partner='same_class'), {})]:
+        with pytest.raises(ValueError, match=r"MixCollate: (partner='balanced'|remix=\(3(\.0)?, 0?\.5\)) weighs by the training data's class counts.*give class_counts"):
+            MixCollate(mix, **kw)
+    MixCollate(mixup, partner='balanced', class_counts=[4, 4, 4]); MixCollate(partial(cutmix, remix=(3, .5)), class_counts=[1, 2]) # given: taken

@@ -315,28 +315,18 @@ def head_cnn(c:int=C) -> nn.Module:
     "fastai's vision_learner layout, (body, head): SnapMix reads Grad-CAMs through the head"
     return nn.Sequential(nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 8)), create_head(8, c))
 
-class Attention(nn.Module):
-    "timm's Attention, as TransMix reads it: a `qkv` Linear and `num_heads`"
-    def __init__(self, d:int=16, heads:int=2):
-        super().__init__()
-        self.num_heads, self.scale, self.qkv, self.proj = heads, (d // heads) ** -.5, nn.Linear(d, 3 * d), nn.Linear(d, d)
-    def forward(self, t):
-        n, T, d = t.shape
-        q, k, v = self.qkv(t).reshape(n, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        return self.proj((((q * self.scale) @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(n, T, d))
+def tiny_vit(c:int=C) -> nn.Module:
+    "A timm ViT over the 8x8 images: 4 patches of 4x4 and a class token, one block of 2 heads (TransMix reads timm's own attention)"
+    import timm
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=c)
 
-class TinyViT(nn.Module):
-    "4 patches of 4x4 and a class token, one attention block"
-    def __init__(self, c:int=C, d:int=16):
-        super().__init__()
-        self.embed, self.cls_token, self.attn, self.head = nn.Conv2d(3, d, 4, 4), nn.Parameter(torch.zeros(1, 1, d)), Attention(d), nn.Linear(d, c)
-    def forward(self, x):
-        t = self.embed(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], 1)
-        return self.head((t + self.attn(t))[:, 0])
+def tiny_eva(c:int=C) -> nn.Module:
+    "A timm EVA with rotary position embeddings: TransMix reruns its attention with the model's own `rope`"
+    from timm.models.eva import Eva
+    return Eva(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=c, use_rot_pos_emb=True, ref_feat_shape=(2, 2))
 
 _losses = dict(index=CrossEntropyLossFlat, multi=BCEWithLogitsLossFlat, reg=MSELossFlat, seg=lambda: CrossEntropyLossFlat(axis=1))
-_models = dict(cnn=cnn, head=head_cnn, vit=TinyViT)
+_models = dict(cnn=cnn, head=head_cnn, vit=tiny_vit, eva=tiny_eva)
 
 def learner(mixer, kind:str='index', model:str='cnn', bs:int=BS, n:int=N, bf16:bool=False) -> Learner:
     torch.manual_seed(0)
@@ -374,7 +364,7 @@ FITS = { # name: (mixer, learner options); every option that takes another code 
     'fmix-bs1': (FMix, dict(bs=1, n=2)), 'fmix-bf16': (lambda: FMix(max_soft=.2), dict(bf16=True)),
     'transmix': (TransMix, dict(model='vit')), 'transmix-ps': (lambda: TransMix(per_sample=True), dict(model='vit')),
     'transmix-balanced': (lambda: TransMix(partner='balanced', p=.5), dict(model='vit')), 'transmix-dense': (TransMix, dict(model='vit', kind='multi')),
-    'transmix-ps-union': (lambda: TransMix(per_sample=True, label_mode='union'), dict(model='vit', kind='multi')),
+    'transmix-ps-decoupled': (lambda: TransMix(per_sample=True, decoupled=.1), dict(model='vit')), 'transmix-eva': (TransMix, dict(model='eva')),
     'transmix-bf16': (lambda: TransMix(per_sample=True), dict(model='vit', bf16=True)), 'transmix-bs1': (TransMix, dict(model='vit', bs=1, n=2)),
     'snapmix': (SnapMix, {}), 'snapmix-ps': (lambda: SnapMix(per_sample=True), {}), 'snapmix-gradcam': (SnapMix, dict(model='head')),
     'snapmix-ps-gradcam-same': (lambda: SnapMix(per_sample=True, partner='same_class'), dict(model='head')), 'snapmix-p': (lambda: SnapMix(p=.5, cam_every=2), {}),
@@ -491,13 +481,8 @@ def test_mix_loss(name):
         _calls(probe, lambda: mix_loss(lf, pred, (y,), (y[perm],), share(lam, .7), decoupled=eta, lam1=None if lam1 is None else share(lam1, .4)).sum().backward())
     probe.check()
 
-_soft_sync = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "MixCollate._soft (fastai_mix/core.py, `if bad.any(): raise ...`) reads the class indices on the host to check them against num_classes: "
-    "free on the host batches a DataLoader's workers collate, a wait on a batch on the GPU (`_class_table` uses torch._assert_async there). "
-    "Left to MixCollate's owner: when it is fixed, this case passes and the strict xfail fails, so take the mark off"))
-
 @pytest.mark.parametrize('name,kw', [('mixup-balanced-list', dict(mix=mixup, partner='balanced', class_counts=[8, 4, 2, 2])), ('cutmix', {}),
-    pytest.param('cutmix-num-classes', dict(num_classes=C), marks=_soft_sync), ('resizemix-ps', dict(mix=resizemix, per_sample=True)),
+    ('cutmix-num-classes', dict(num_classes=C)), ('resizemix-ps', dict(mix=resizemix, per_sample=True)),
     ('fmix-remix', dict(mix=fmix, remix=(3, .5), class_counts=[8, 4, 2, 2]))])
 def test_mix_collate(name, kw):
     "`MixCollate` mixing batches that its `collate_fn` put on the device"
