@@ -367,6 +367,9 @@ class MixHandler(Callback):
         if not self._idle: self._prime_counts(self.learn)
     def after_fit(self): self._reset(); self._idle = False
 
+    def check_model(self, model): # the learner's model
+        "Refuse a model this mixer cannot read, before anything is mixed: nothing to read for most mixers (TransMix reads the attention, SnapMix the feature maps)"
+
     def _prime_counts(self, learn):
         "Read the class counts a policy or Remix needs before the first batch, on the data's device (a copy to the GPU there would wait for it)"
         if (self.partner == 'balanced' or self.remix is not None) and getattr(learn, 'dls', None) is not None:
@@ -467,7 +470,7 @@ _partner_opts = ('partner', 'sigma', 'class_counts', 'remix')
 
 class MixChoice(MixHandler):
     "Mix each batch (or each sample) with one of several mixers, picked at random"
-    _stateattrs, _pct = MixHandler._stateattrs + ('_pct',), None # `_pct`: this batch's `pct_train`
+    _stateattrs, _pct, _model = MixHandler._stateattrs + ('_pct', '_model'), None, None # `_pct`: this batch's `pct_train`; `_model`: the model its mixers were checked against
     @delegates(MixHandler.__init__, but=['alpha'])
     def __init__(self,
         mixers:Sequence[MixHandler], # Mixer instances to pick from, e.g. `[MixUp(), CutMix()]`
@@ -536,6 +539,12 @@ class MixChoice(MixHandler):
     def mix(self, xb, yb, inplace=None):
         "Mix with one mixer picked per batch, or with each sample's pick (every mixer runs on the whole batch; no sync)"
         chances, ref = self._chances(), _ref(xb) # token or category ids only (ManifoldMixup): the picked mixer says whether it can mix them
+        learn = self._learner()
+        if learn is not None and self._model is not learn.model: # every mixer's model check at the first batch, not when it is first picked
+            for m in self.mixers:
+                try: m.check_model(learn.model)
+                except (ValueError, TypeError) as e: raise type(e)(f"MixChoice holds {type(m).__name__}, which cannot mix with this model: {e}") from e
+            self._model = learn.model
         self._policy_mask, policy = None, [m.partner != 'random' for m in self.mixers] # which picks `left_alone` counts
         if chances[0] >= 1: return _unmixed(xb, yb, ref) # nothing to pick: no draw
         if not self.per_sample:

@@ -237,6 +237,8 @@ class SnapMix(MixHandler):
         if self._parts is None or self._parts[0] is not model: self._parts = model, cam_parts(model, self.feature_module, self.head)
         return self._parts[1]
 
+    def check_model(self, model:nn.Module): cam_parts(model, self.feature_module, self.head) # a model without maps it reads: refused (in a MixChoice too) before anything is mixed
+
     def _draw_partners(self, y:Tensor, device) -> Tensor:
         "Each sample's partner: a random permutation, or drawn by `partner` ('balanced', 'same_class', 'other_class'), on the device"
         if self.partner == 'random': return torch.randperm(len(y), device=device)

@@ -235,6 +235,8 @@ class TransMix(_ForwardHooks, MixHandler):
         self._found = key, mod, name, *token_layout(inner), patch_embedding(inner)
         return mod
 
+    def check_model(self, model:nn.Module): self.attention_module(model) # a model it cannot read is refused (in a MixChoice too) before anything is mixed
+
     def mix(self, xb, yb, inplace=None):
         "Paste as CutMix; on the learner's training batch, hook the model to read the shares from its forward pass (elsewhere, read them now)"
         self._drop_hooks() # a hook of an earlier batch left by an interrupt

@@ -373,3 +373,23 @@ def test_refused_choice_leaves_its_mixers_as_they_were():
     snap = SnapMix()
     with pytest.raises(ValueError, match='SnapMix cannot mix with it'): MixChoice([MixUp(), snap], partner='kernel')
     eq_((snap.partner, snap._choice), ('random', None))
+
+def test_choice_refuses_a_model_its_mixers_cannot_read_at_the_first_batch():
+    "MixChoice holding TransMix on a CNN, or SnapMix on a model without feature maps it reads: refused at the fit's first batch, whichever "
+    "mixer is picked, before anything is mixed (not when that mixer is first picked, epochs later); the learner left as it was"
+    from fastai_mix import TransMix, SnapMix
+    from fastai.callback.core import Callback
+    class Spy(Callback):
+        order = MixUp.order + 1
+        def __init__(self): self.n = 0
+        def before_batch(self): self.n += 1 if self.training else 0
+    for mixer, what in [(TransMix(), 'TransMix found no attention module'), (SnapMix(), 'SnapMix found no last feature map')]:
+        dls = synth_dls(n=16, bs=8, shape=(3, 8, 8), c=3)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)) # no attention, no pooled feature map
+        spy = Spy()
+        choice = MixChoice([MixUp(), mixer], weights=[1e6, 1]) # MixUp picked (almost) every batch: the other would fail much later
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[choice, spy])
+        lf = learn.loss_func
+        with learn.no_bar(), learn.no_logging():
+            with pytest.raises(ValueError, match=f"MixChoice holds {type(mixer).__name__}, which cannot mix with this model: {what}"): learn.fit(2)
+        eq_(spy.n, 0); assert learn.loss_func is lf # refused in the first batch's before_batch
