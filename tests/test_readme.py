@@ -87,3 +87,19 @@ def test_sidebar_lists_every_notebook():
     def files(items): return [f for i in items for f in (files(i['contents']) if isinstance(i, dict) else [i])]
     listed = files(yaml.safe_load((ROOT/'nbs'/'sidebar.yml').read_text())['website']['sidebar']['contents'])
     assert sorted(listed) == sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb')), listed
+
+def test_options_each_mixer_refuses_are_the_readmes():
+    "The README says which mixers refuse `decoupled`, `remix`, `label_mode='union'` and `partner='kernel'` (every other mixer takes them): "
+    "each mixer, made with each option, refuses exactly those"
+    from fastai_mix import MixUp, CutMix, ResizeMix, FMix, TransMix, SnapMix, ManifoldMixup, OutputMixup
+    opts = {"`decoupled`": dict(decoupled=.1), "`remix`": dict(remix=(3, .5)), "`label_mode='union'`": dict(label_mode='union'),
+            "`partner='kernel'`": dict(partner='kernel')}
+    prose = ' '.join(README.split())
+    said = {m: set(re.findall(r"`[^`]+`", what)) for m, what in re.findall(r"(\w+) refuses ((?:`[^`]+`(?:, | and )?)+)", prose)}
+    assert set(said) == {'SnapMix', 'TransMix'}, said
+    for cls in (MixUp, CutMix, ResizeMix, FMix, TransMix, SnapMix, ManifoldMixup, OutputMixup):
+        refused = set()
+        for name, kw in opts.items():
+            try: cls(**kw)
+            except ValueError: refused.add(name)
+        assert refused == said.get(cls.__name__, set()), (cls.__name__, refused)
