@@ -25,25 +25,25 @@ def _timm_attention() -> tuple:
     "timm's attention modules that TransMix reads (those this timm has): self-attention of every token over every token, with `fused_attn` and `attn_drop`"
     found = []
     for mod, name in (('timm.layers', 'Attention'), ('timm.models.vision_transformer', 'Attention'), ('timm.layers', 'AttentionRope'),
-                      ('timm.models.eva', 'EvaAttention'), ('timm.models.beit', 'Attention')):
+                      ('timm.models.eva', 'EvaAttention'), ('timm.models.beit', 'Attention'), ('timm.models.vision_transformer_relpos', 'RelPosAttention')):
         try: found.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError): pass
     return tuple(dict.fromkeys(found))
 
-_READS = ("timm's Attention (ViT, DeiT), AttentionRope, EvaAttention (EVA, EVA-02, the vit_*_rope_* models) and BEiT's Attention, "
+_READS = ("timm's Attention (ViT, DeiT), AttentionRope, EvaAttention (EVA, EVA-02, the vit_*_rope_* models), BEiT's Attention and RelPosAttention (vit_relpos_*), "
           "or a module of your own with `num_heads` that passes its softmaxed attention (n, heads, tokens, tokens) through an `attn_drop` module")
 
 def _is_timm(m) -> bool: return type(m).__module__.startswith('timm.')
 
 def is_attention(m:nn.Module) -> bool:
-    "Whether TransMix reads the attention matrix `m` computes: timm's `Attention`, `AttentionRope`, `EvaAttention` or BEiT's `Attention`; a module of your own with `num_heads` and `attn_drop`"
+    "Whether TransMix reads the attention matrix `m` computes: timm's `Attention`, `AttentionRope`, `EvaAttention`, BEiT's `Attention` or `RelPosAttention`; a module of your own with `num_heads` and `attn_drop`"
     if _is_timm(m): return type(m) in _timm_attention()
     return isinstance(getattr(m, 'attn_drop', None), nn.Module) and isinstance(getattr(m, 'num_heads', None), int)
 
 def _not_read(m:nn.Module, what:str='') -> str:
     "Why TransMix cannot read `m`"
-    why = ('its attention is not one matrix over all the image\'s patches (Swin\'s windowed attention, pooling or cross-covariance attention '
-           'are not read)' if _is_timm(m) else 'it has no `attn_drop` module and `num_heads`')
+    why = ('it is not one of the timm attention classes TransMix has been checked against (each computes one matrix over all the image\'s patches; '
+           'Swin\'s windowed attention, pooling and cross-covariance attention do not)' if _is_timm(m) else 'it has no `attn_drop` module and `num_heads`')
     return f"{what or 'attn_module: '}{type(m).__name__} is not an attention module TransMix reads: {why}. TransMix reads {_READS}"
 
 def token_layout(model:nn.Module) -> tuple[int, str]:
@@ -142,10 +142,14 @@ def attention_shares(
 class _Unfused:
     "Turn the fused attention of `attn` off (its `fused_attn`, where it has one) until `remove()` puts it back"
     def __init__(self, attn:nn.Module):
-        self.attn, self.old = (attn, attn.__dict__['fused_attn']) if 'fused_attn' in attn.__dict__ else (None, None)
-        if self.attn is not None: attn.fused_attn = False
+        self.attn = attn if isinstance(getattr(attn, 'fused_attn', None), bool) else None # on the module, or on its class
+        if self.attn is None: return
+        self.own, self.old = 'fused_attn' in attn.__dict__, attn.__dict__.get('fused_attn')
+        attn.fused_attn = False
     def remove(self):
-        if self.attn is not None: self.attn.fused_attn = self.old
+        if self.attn is not None:
+            if self.own: self.attn.fused_attn = self.old
+            else: del self.attn.fused_attn # the class's value shows again
         self.attn = None
 
 def attention_matrix(
@@ -229,8 +233,7 @@ class TransMix(_ForwardHooks, MixHandler):
                 other = sorted({type(m).__name__ for m in named.values() if 'Attention' in type(m).__name__})
                 raise ValueError(
                     f"TransMix found no attention module it reads in {type(inner).__name__}" + (f" (it has {', '.join(other)})" if other else '') +
-                    f". TransMix reads {_READS}. Name the one to read with TransMix(attn_module='blocks.11.attn') (a name from `model.named_modules()`, "
-                    "or the module itself); for a CNN or a windowed transformer (Swin), use CutMix")
+                    f". TransMix reads {_READS}; for a CNN or a windowed transformer (Swin), use CutMix")
             name, mod = found[-1]
         self._found = key, mod, name, *token_layout(inner), patch_embedding(inner)
         return mod

@@ -221,7 +221,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"no module named 'blocks.9.attn'.*blocks.1.attn"): vit_learner(cbs=TransMix(attn_module='blocks.9.attn')).fit(1)
     with pytest.raises(TypeError, match="'blocks.0' is a Block"): vit_learner(cbs=TransMix(attn_module='blocks.0')).fit(1)
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match='found no attention module it reads in Sequential.*attn_module='): vit_learner(cbs=TransMix(), model=cnn).fit(1)
+    with pytest.raises(ValueError, match='found no attention module it reads in Sequential.*use CutMix'): vit_learner(cbs=TransMix(), model=cnn).fit(1)
     learn = vit_learner(cbs=TransMix(attn_module=vit().blocks[0].attn))
     with pytest.raises(ValueError, match='not a module of the learner'): learn.fit(1)
     assert hooks(learn.model) == {} and not isinstance(learn.loss_func, type(None))
@@ -401,19 +401,22 @@ def model_attention(attn, args, kwargs):
     return seen[0]
 
 def tiny(kind):
-    "Tiny timm models built from code (no weights), 16 px in patches of 4 px: EVA with rotary embeddings (with and without its q/v biases, pooled by the class token or the patches' mean), and BEiT (its q/v biases and relative position bias)"
+    "Tiny timm models built from code (no weights), 16 px in patches of 4 px: EVA with rotary embeddings (with and without its q/v biases, pooled by the class token or the patches' mean), BEiT (its q/v biases and relative position bias), and the relative-position ViT (no class token, the patches' mean)"
     from timm.models.eva import Eva
     from timm.models.beit import Beit
     kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
     if kind == 'beit': return Beit(**kw, use_rel_pos_bias=True)
+    if kind == 'relpos':
+        from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+        return VisionTransformerRelPos(**kw)
     return Eva(**kw, use_rot_pos_emb=True, qkv_bias='bias' in kind, global_pool='avg' if 'avg' in kind else 'token')
 
-@pytest.mark.parametrize('kind', ['eva-rope-token', 'eva-rope-avg', 'eva-rope-bias-token', 'beit'])
+@pytest.mark.parametrize('kind', ['eva-rope-token', 'eva-rope-avg', 'eva-rope-bias-token', 'beit', 'relpos'])
 def test_shares_from_the_model_attention(kind):
     "Through `Learner.fit` on EVA with rotary embeddings and on BEiT: the shares are the class token's (or the patch tokens' mean) attention that the model computes, rotary embedding, biases and all, weighed by the pixels pasted"
     set_seed(0)
     model = tiny(kind)
-    attn, (prefix, pool) = model.blocks[-1].attn, (1, 'avg' if kind in ('eva-rope-avg', 'beit') else 'token')
+    attn, (prefix, pool) = model.blocks[-1].attn, (0 if kind == 'relpos' else 1, 'avg' if kind in ('eva-rope-avg', 'beit', 'relpos') else 'token')
     fused = attn.fused_attn
     spy, calls = MixSpy(), AttnCalls(attn)
     learn = vit_learner(cbs=[TransMix(per_sample=True), spy, calls], model=model)
@@ -449,7 +452,7 @@ def swin():
     return SwinTransformer(img_size=16, patch_size=2, window_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=3)
 
 REFUSED = {'swin': (swin, {}, ValueError, r'found no attention module it reads in SwinTransformer \(it has WindowAttention\).*windowed transformer \(Swin\)'),
-           'swin-named': (swin, dict(attn_module='layers.1.blocks.0.attn'), TypeError, r"'layers.1.blocks.0.attn' is a WindowAttention.*not one matrix over all"),
+           'swin-named': (swin, dict(attn_module='layers.1.blocks.0.attn'), TypeError, r"'layers.1.blocks.0.attn' is a WindowAttention.*not one of the timm attention classes.*Swin's windowed attention"),
            'map-pool': (lambda: vit(class_token=False, global_pool='map'), {}, ValueError, r"global_pool='map'\) pools its tokens by a learned query"),
            'max-pool': (lambda: vit(class_token=False, global_pool='max'), {}, ValueError, r"global_pool='max'\) pools its tokens by their maximum"),
            'avg-with-prefix': (lambda: vit(global_pool='avg', pool_include_prefix=True), {}, ValueError, 'pool_include_prefix=True')}
@@ -496,3 +499,26 @@ def test_no_host_sync_probe(monkeypatch, planted):
         with pytest.raises(AssertionError, match=r'host sync: Tensor.item in _in_forward'): learn.fit(1)
     else: learn.fit(1)
     eq_(hooks(learn.model), {})
+
+class ClassFused(nn.Module):
+    "An attention module of a user's own, written as timm's: its `fused_attn` set on the class, the fused path skipping `attn_drop`"
+    fused_attn = True
+    def __init__(self, dim, num_heads=2):
+        super().__init__()
+        self.num_heads, self.qkv, self.attn_drop, self.proj = num_heads, nn.Linear(dim, dim * 3), nn.Dropout(0.), nn.Linear(dim, dim)
+    def forward(self, x, attn_mask=None, **kw):
+        n, T, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.fused_attn: o = F.scaled_dot_product_attention(q, k, v)
+        else: o = self.attn_drop((q * q.shape[-1] ** -.5 @ k.transpose(-2, -1)).softmax(-1)) @ v
+        return self.proj(o.transpose(1, 2).reshape(n, T, d))
+
+def test_fused_attn_on_the_class():
+    "A user's attention module whose `fused_attn` is a class attribute: TransMix turns it off for its own read and puts the class's value back (no instance attribute left)"
+    set_seed(0)
+    model = vit()
+    for b in model.blocks: b.attn = ClassFused(32)
+    spy = MixSpy()
+    vit_learner(cbs=[TransMix(), spy], model=model).fit(1, lr=0)
+    assert spy.records and all('fused_attn' not in b.attn.__dict__ for b in model.blocks) and ClassFused.fused_attn is True
+    eq_(hooks(model), {})
