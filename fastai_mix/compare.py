@@ -24,8 +24,8 @@ from .calibration import ECE, pool_bins, plot_reliability
 
 # %% auto #0
 __all__ = ['t_quantile', 'mean_std', 'paired_interval', 'paired_summary', 'seeds_needed', 'paired_table', 'plot_seeds',
-           'plot_curves', 'plot_calibration', 'train_run', 'torch_threads', 'usable_cpus', 'compare_mixers',
-           'Comparison']
+           'plot_curves', 'plot_calibration', 'seeded_learner', 'train_run', 'torch_threads', 'usable_cpus',
+           'compare_mixers', 'Comparison']
 
 # %% ../nbs/12_compare.ipynb #635cb63a
 def t_quantile(
@@ -351,14 +351,29 @@ def _jsonable(name:str, d) -> dict:
     except (TypeError, ValueError) as e: raise TypeError(f"measure returned {d!r}, which a results file cannot hold ({e}): return numbers, strings or lists of them") from None
     return out
 
+_IN_WORKER = False # True in the worker processes of `compare_mixers`
+
 def _build(learner, mixer, seed:int, ece:bool, name:str='mixer') -> tuple:
     "Build the learner of `seed` (the random state seeded before), then its mixer and the ECE metric: (learner, mixer, ECE metric or None)"
     learn = _call(learner, seed)
     if not isinstance(learn, Learner): raise TypeError(f"learner must build a fastai Learner, but {_describe(learner)} returned {type(learn).__name__}")
+    if _IN_WORKER: # the processes are the parallelism: their loaders load in the process (loader processes forked from one would hang)
+        for dl in getattr(learn.dls, 'loaders', []):
+            if getattr(getattr(dl, 'fake_l', None), 'num_workers', 0): dl.fake_l.num_workers = 0
     cb, calib = _make_mixer(mixer, learn, name), (ECE() if ece else None)
     if calib is not None: learn.metrics = [*learn.metrics, calib]
     if cb is not None: learn.add_cb(cb)
     return learn, cb, calib
+
+def seeded_learner(
+    learner:Callable, # Builds the `Learner`: `learner(seed)`, or `learner()`
+    mixer=None, # None, a `Callback` (a copy of it is put on the learner), or a class or function that makes one
+    seed:int=0, # The run's seed
+    ece:bool=False, # Add the `ECE` metric, as the run does
+    name:str|None=None, # The mixer's name, for the errors
+) -> Learner:
+    "The learner of the run (`mixer`, `seed`) as it starts training, with its mixer and metrics: built seeded, the random state put back after"
+    with no_random(seed, reproducible=True): return _build(learner, mixer, seed, ece, _mixer_name(mixer) if name is None else name)[0]
 
 def train_run(
     learner:Callable, # Builds the `Learner`: `learner(seed)`, or `learner()` when it takes no argument
@@ -404,7 +419,9 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 def _start_worker(use_cuda, threads:int|None):
-    "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files"
+    "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files; its loaders load in it"
+    global _IN_WORKER
+    _IN_WORKER = True
     import matplotlib; matplotlib.use('Agg')
     defaults.use_cuda = use_cuda
     if threads is not None: torch.set_num_threads(threads)
@@ -579,6 +596,7 @@ def compare_mixers(
                     finished(_run_safely(learner, specs[m], s, m, kw))
                     if task['gpu']: torch.cuda.empty_cache()
         else:
+            if bar is None: print(f"training {len(todo)} runs in {jobs} processes", flush=True)
             pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker, initargs=(defaults.use_cuda, threads))
             try:
                 futures = {pool.submit(_worker_run, payload, m, s): (m, s) for m, s in todo}
@@ -714,4 +732,4 @@ class Comparison:
         "The learner of the run (`mixer`, `seed`) as it starts training, with its mixer and metrics (built seeded, the random state put back)"
         if self._learner is None: raise ValueError("this Comparison holds no learner function (it was made from runs alone)")
         if mixer not in self._specs: raise ValueError(f"mixer must be one of {list(self._specs)}, got {mixer!r}")
-        with no_random(seed, reproducible=True): return _build(self._learner, self._specs[mixer], seed, self.ece, mixer)[0]
+        return seeded_learner(self._learner, self._specs[mixer], seed, self.ece, mixer)
