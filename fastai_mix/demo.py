@@ -509,7 +509,7 @@ def run_demo(
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
     seeds:int=5, # Number of seeds: every mixer is trained once per seed
     n_train:int|None=200, # Keep only this many training images (all when None)
-    jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs
+    jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs (1 on a GPU)
     threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
     progress:bool=True, # In a notebook, show a progress bar over the runs (a line is printed as each run ends, in any case)
     decoupled:float=0., # > 0: also train each mixer of `mix` (not 'none') with the decoupled mixup loss at this eta, as '<mixer>+dm', on the same seeds
