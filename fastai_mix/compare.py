@@ -274,7 +274,7 @@ def _describe(
         try: ps = [k for k in inspect.signature(type(o)).parameters if k in vars(o)]
         except (TypeError, ValueError): ps = []
         return f"{type(o).__name__}({', '.join(f'{k}={_describe(getattr(o, k))}' for k in ps)})"
-    if isinstance(o, (list, tuple)): return f"[{', '.join(map(describe, o))}]"
+    if isinstance(o, (list, tuple)): return f"[{', '.join(map(_describe, o))}]"
     if isinstance(o, dict): return '{' + ', '.join(f'{k!r}: {_describe(v)}' for k, v in o.items()) + '}'
     return re.sub(r' at 0x[0-9a-fA-F]+', '', repr(o))
 
@@ -430,7 +430,7 @@ def _run_safely(learner, mixer, seed:int, name:str, kw:dict) -> dict:
     "`train_run`'s dict, or for a run that raised, its mixer, seed, error and the end of its traceback"
     try: return train_run(learner, mixer, seed, name=name, **kw)
     except Exception as e:
-        return dict(mixer=name, seed=seed, error=f"{type(e).__name__}: {e}", traceback=''.join(traceback.format_exc().splitlines(True)[-30:]))
+        return dict(mixer=name, seed=seed, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=-8)) # its last 8 frames
 
 @functools.lru_cache(maxsize=1)
 def _unpickle(payload:bytes): return pickle.loads(payload) # once per worker process and comparison
