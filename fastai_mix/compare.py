@@ -597,9 +597,10 @@ def compare_mixers(
                     if task['gpu']: torch.cuda.empty_cache()
         else:
             if bar is None: print(f"training {len(todo)} runs in {jobs} processes", flush=True)
-            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker, initargs=(defaults.use_cuda, threads))
+            import fastai_mix.compare as module # its functions, which the workers import by name (a notebook defines its cells' in __main__)
+            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=module._start_worker, initargs=(defaults.use_cuda, threads))
             try:
-                futures = {pool.submit(_worker_run, payload, m, s): (m, s) for m, s in todo}
+                futures = {pool.submit(module._worker_run, payload, m, s): (m, s) for m, s in todo}
                 for f in as_completed(futures):
                     m, s = futures[f]
                     try: run = f.result()
