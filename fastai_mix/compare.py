@@ -490,7 +490,8 @@ def _check_args(learner, fit, lr, metric, higher, ece, measure, jobs, threads, l
 
 def _is_classifier(learn:Learner) -> bool:
     "Whether the learner's targets are class indices, one per sample (what ECE needs), read from a validation batch"
-    b = learn.dls.valid.one_batch()
+    try: b = learn.dls.valid.one_batch()
+    except Exception: return False # no validation batch to read: the runs will say what is wrong
     yb = b[getattr(learn.dls, 'n_inp', 1):]
     if len(yb) != 1 or not isinstance(yb[0], Tensor): return False
     y = yb[0]
@@ -549,6 +550,7 @@ def compare_mixers(
     elif base not in specs: raise ValueError(f"base must be one of the mixers' names {list(specs)}, got {base!r}")
     path = None if results is None else Path(results)
     stored = _read_results(path) if path is not None else None
+    if path is not None: path.parent.mkdir(parents=True, exist_ok=True)
     task = _probe(learner, specs, seeds[0], metric, higher, ece)
     config = dict(learner=_describe(learner), fit=_describe(fit), lr=lr, ece=task['ece'], measure=_describe(measure),
                   mixers={n: _describe(m) for n, m in specs.items()})

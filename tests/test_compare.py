@@ -211,3 +211,17 @@ def test_processes_take_a_notebooks_function():
     eq_(two.settings['jobs'], 2)
     one = compare_mixers(make, [None, MixUp], seeds=2, fit=1, **QUIET)
     eq_(strip(two.runs), strip(one.runs))
+
+def test_progress_bar_and_results_folder(tmp_path):
+    "With the progress bar over the runs, and a results file in a folder still to make"
+    res = compare_mixers(learner, [None, MixUp], seeds=1, fit=1, jobs=1, results=tmp_path/'new'/'runs.json')
+    eq_(len(json.loads((tmp_path/'new'/'runs.json').read_text())['runs']), 2)
+    eq_(res.summary[1]['verdict'], 'one seed: no spread to compare with')
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_on_gpu():
+    "On a GPU the runs go one after another in this process, on the GPU, and one mixer and seed twice give the same numbers"
+    res = compare_mixers(classifier, {'none': None, 'mixup': MixUp, 'mixup_again': MixUp()}, seeds=2, fit=1, progress=False)
+    eq_(res.settings['jobs'], 1); assert res.settings['device'].startswith('cuda'), res.settings
+    eq_(*[[r['history'] for r in res.runs if r['mixer'] == m] for m in ('mixup', 'mixup_again')])
