@@ -8,3 +8,4 @@ from .manifold import *
 from .calibration import *
 from .snapmix import *
 from .transmix import *
+from .compare import *

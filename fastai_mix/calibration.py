@@ -109,6 +109,7 @@ class ECE(Metric):
     def reset(self): self.probs, self.targs = [], []
     def accumulate(self, learn):
         pred, y = learn.pred, learn.y
+        if isinstance(y, Tensor) and y.ndim == 2 and y.shape[1] == 1: y = y[:, 0] # one column of class indices (fastai's tabular targets)
         if isinstance(pred, (tuple, list)) or isinstance(y, (tuple, list)) or pred.ndim != 2 or y.ndim != 1 or y.is_floating_point():
             raise ValueError(f"ECE needs a classifier's outputs (batch, classes) and class indices (batch,), got {getattr(pred, 'shape', type(pred))} and {getattr(y, 'shape', type(y))}")
         self.probs.append(pred.detach().float().softmax(-1).cpu()); self.targs.append(y.detach().cpu())

@@ -4,13 +4,13 @@
 
 # %% ../nbs/02_demo.ipynb #5207be9b
 from __future__ import annotations
-import argparse, contextlib, functools, inspect, json, math, multiprocessing, os, shutil, time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import argparse, contextlib, functools, inspect, json, math, shutil, time
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from fasttransform import Transform, Pipeline
-from fastai.torch_core import set_seed, default_device, defaults
+from fastcore.imports import in_notebook
+from fastai.torch_core import set_seed
 from fastai.layers import ConvLayer, Flatten
 from fastai.data.core import DataLoaders, Datasets
 from fastai.data.transforms import (Categorize, IntToFloatTensor, Normalize, RandomSplitter, ToTensor,
@@ -30,17 +30,18 @@ from .snapmix import SnapMix
 from .transmix import TransMix
 import fastai_mix.show # MixHandler.show_batch
 from .data import ArrayImages, array_dls, find_fashion_mnist, read_idx, DataNotFoundError, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
-from .calibration import ECE, pool_bins, plot_reliability
+from .callback import MixHandler
+from .calibration import ECE
+from .compare import (compare_mixers, seeded_learner, train_run, t_quantile, mean_std, paired_interval, paired_summary, paired_table,
+                                plot_seeds, plot_curves, plot_calibration, torch_threads, usable_cpus)
 
 # %% auto #0
 __all__ = ['FASHION_MNIST', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEMO', 'load_digits_arrays', 'split_idxs',
            'check_noise', 'noisy_labels', 'DemoError', 'own_dir', 'fresh_dir', 'true_label', 'write_digits',
            'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets', 'image_dls',
            'fashion_datasets', 'small_cnn', 'small_vit', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
-           'array_memorisation', 'train_mixer', 't_quantile', 'mean_std', 'paired_interval', 'paired_summary',
-           'results_table', 'table_notes', 'decoupled_summary', 'plot_accuracy', 'plot_curves', 'plot_calibration',
-           'save_results', 'torch_threads', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report',
-           'main']
+           'array_memorisation', 'train_mixer', 'results_table', 'table_notes', 'decoupled_summary', 'plot_accuracy',
+           'save_results', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report', 'main']
 
 # %% ../nbs/02_demo.ipynb #d442c898
 def load_digits_arrays() -> tuple: # (images: uint8 (1797, 8, 8) in [0, 255], labels: int64 (1797,))
@@ -348,6 +349,33 @@ def array_memorisation(
     with learn.no_bar(): pred = learn.get_preds(dl=dl)[0].argmax(1).numpy()
     return dict(memorised=float(np.mean(pred == trained[changed])), corrected=float(np.mean(pred == original[changed])), n_changed=len(changed))
 
+def _dsets_learner(
+    dsets:Datasets|tuple, # Training and validation images: fastai `Datasets` (`image_datasets`), or two `ArrayImages` (`fashion_datasets`)
+    arch:str, bs:int, size:int, # As `train_mixer` takes them
+    seed:int, # The run's seed
+) -> Learner:
+    "The demo's learner on `dsets`: seeded, then its batches, a fresh model of `arch`, the cross-entropy and the accuracy"
+    arrays = not isinstance(dsets, Datasets)
+    set_seed(seed, reproducible=True) # again: reading a folder's images can draw (fastai's `RandomSplitter` seeds torch)
+    dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
+    model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3, size=size)
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+
+def _demo_mixer(name:str, decoupled:float, learn:Learner):
+    "`make_mixer` for the learner's model (ManifoldMixup's places)"
+    return make_mixer(name, learn.model, decoupled)
+
+def _demo_measure(noisy:bool, learn:Learner) -> dict:
+    "The memorisation of the wrong training labels (`memorisation`, `array_memorisation`); None when no label was changed"
+    if not noisy: return dict(memorised=None, corrected=None, n_changed=0)
+    ds = learn.dls.train_ds
+    return array_memorisation(learn, ds) if isinstance(ds, ArrayImages) else memorisation(learn, ds.items)
+
+def _demo_spec(name:str, decoupled:float=0.):
+    "The mixer `name` for `compare_mixers`: None for 'none', else a function of the learner that makes it"
+    make_mixer(name, decoupled=decoupled) # checks the name
+    return None if name == 'none' else functools.partial(_demo_mixer, name, decoupled)
+
 def train_mixer(
     dsets:Datasets|tuple, # Training and validation images: fastai `Datasets` (`image_datasets`), or two `ArrayImages` (`fashion_datasets`)
     mixer:str, # A name of `MIXERS`: 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold' or 'transmix'
@@ -362,101 +390,21 @@ def train_mixer(
     decoupled:float=0., # Weight eta of the decoupled mixup loss, for a `mixer` named '<mixer>+dm'
     size:int=16, # Side of the images, for arch 'vit'
 ) -> dict: # mixer, seed, final train_loss, valid_loss, accuracy, ece, `memorisation`, sec_per_epoch, the per-epoch `history`, and the final `calibration` bins
-    "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history"
-    arrays = not isinstance(dsets, Datasets)
-    set_seed(seed, reproducible=True)
-    dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
-    model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3, size=size)
-    cb, calib = make_mixer(mixer, model, decoupled), ECE()
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, calib], cbs=cb)
-    if show is not None and cb is not None: save_batch(cb, show, seed=seed) # changes nothing: training is the same with or without
-    start = time.perf_counter()
-    with learn.no_logging(), (contextlib.nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, lr) # no table of epochs
-    secs = time.perf_counter() - start
-    names = learn.recorder.metric_names[1:-1] # train_loss, valid_loss, accuracy, ece (without epoch and time)
-    history = [dict(zip(names, map(float, v))) for v in learn.recorder.values]
-    bins = calib.bins # the last epoch's validation, read before `get_preds` below runs the metrics again
-    if not noisy: memo = dict(memorised=None, corrected=None, n_changed=0)
-    else: memo = array_memorisation(learn, dsets[0]) if arrays else memorisation(learn, dsets.train.items)
-    return dict(mixer=mixer, seed=seed, **history[-1], **memo, sec_per_epoch=secs / epochs, history=history, calibration=bins)
+    "Train a fresh model on `dsets` with `mixer`, from `seed`, and return its final numbers and its history (`train_run` with the demo's learner)"
+    learner, spec = functools.partial(_dsets_learner, dsets, arch, bs, size), _demo_spec(mixer, decoupled)
+    if show is not None and spec is not None: # drawn from the learner as the run starts; changes nothing: training is the same with or without
+        learn = seeded_learner(learner, spec, seed, ece=True, name=mixer)
+        save_batch(next(cb for cb in learn.cbs if isinstance(cb, MixHandler)), show, seed=seed)
+    return train_run(learner, spec, seed, fit=epochs, lr=lr, ece=True, measure=functools.partial(_demo_measure, noisy), name=mixer, progress=progress)
 
-# %% ../nbs/02_demo.ipynb #c6aec52c
-def t_quantile(
-    p:float, # Probability
-    df:int, # Degrees of freedom
-) -> float:
-    "The `p` quantile of Student's t distribution with `df` degrees of freedom (scipy's)"
-    from scipy.stats import t # scipy comes with scikit-learn
-    return float(t.ppf(p, df))
-
-def mean_std(xs:list) -> tuple: # (mean, standard deviation with n-1; nan for one number)
-    "Mean and sample standard deviation of `xs`"
-    xs = np.asarray(xs, dtype=float)
-    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else math.nan
-
-def paired_interval(
-    diffs:list, # Per-seed differences
-    level:float=0.95, # Confidence level
-) -> tuple: # (mean, std, low, high); low and high are None for one difference
-    "The mean and std of paired differences, and the `level` paired t-interval of their mean"
-    d, sd = mean_std(diffs)
-    if len(diffs) < 2: return d, sd, None, None
-    half = t_quantile((1 + level) / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return d, sd, d - half, d + half
-
-def paired_summary(
-    runs:list[dict], # One dict per run, with `mixer`, `seed`, `accuracy`, `memorised` and `ece` (as `train_mixer` returns; `ece` may be left out)
-    base:str='none', # Mixer the others are compared with, seed by seed
-    level:float=0.95, # Confidence level of the interval of the paired difference
-) -> list[dict]: # One dict per mixer, in the order of `runs`
-    "Per mixer: mean and std over seeds of the accuracy, memorisation and ECE, and the paired differences of accuracy and ECE with `base`"
-    by = {}
-    for r in runs: by.setdefault(r['mixer'], {})[r['seed']] = r
-    def stats(rs, seeds, k): # mean and std of `k` over the seeds, None when a run lacks it
-        v = [rs[s].get(k) for s in seeds]
-        return mean_std(v) if None not in v else (None, None)
-    out = []
-    for m, rs in by.items():
-        seeds = sorted(rs)
-        acc, acc_std = mean_std([rs[s]['accuracy'] for s in seeds])
-        (mem, mem_std), (ece, ece_std) = stats(rs, seeds, 'memorised'), stats(rs, seeds, 'ece')
-        row = dict(mixer=m, seeds=seeds, accuracy=acc, accuracy_std=acc_std, memorised=mem, memorised_std=mem_std, ece=ece, ece_std=ece_std)
-        if base in by and m != base:
-            if sorted(by[base]) != seeds: raise ValueError(f"{m!r} ran on seeds {seeds} and {base!r} on {sorted(by[base])}: a paired comparison needs the same seeds")
-            one = 'one seed: no spread to compare with'
-            diffs = [rs[s]['accuracy'] - by[base][s]['accuracy'] for s in seeds]
-            diff, diff_std, lo, hi = paired_interval(diffs, level)
-            row.update(diffs=diffs, diff=diff, diff_std=diff_std, diff_lo=lo, diff_hi=hi,
-                       verdict=one if lo is None else f'better than {base}' if lo > 0 else f'worse than {base}' if hi < 0 else 'within the noise')
-            if ece is not None and stats(by[base], seeds, 'ece')[0] is not None:
-                diffs = [rs[s]['ece'] - by[base][s]['ece'] for s in seeds]
-                diff, diff_std, lo, hi = paired_interval(diffs, level)
-                row.update(ece_diffs=diffs, ece_diff=diff, ece_diff_std=diff_std, ece_diff_lo=lo, ece_diff_hi=hi, # lower is better
-                           calibration=one if lo is None else 'better calibrated' if hi < 0 else 'worse calibrated' if lo > 0 else 'within the noise')
-        out.append(row)
-    return out
 
 # %% ../nbs/02_demo.ipynb #44d9e382
-def _pm(m, s, scale:float=100, sign:str='') -> str:
-    "`m ± s` scaled to percent (`m` alone when `s` is nan)"
-    return f'{m*scale:{sign}.1f}' + ('' if s is None or math.isnan(s) else f' ± {s*scale:.1f}')
-
 def results_table(
     summary:list[dict], # As `paired_summary` returns
     base:str='none', # The mixer the others were compared with
 ) -> str:
     "The summary as a markdown table: accuracy, paired difference with `base`, its interval, memorisation, verdict; the same for the ECE"
-    rows = ['| mixer | test accuracy % | vs ' + base + ' (paired) | 95% interval | memorised % | verdict | ECE % | ECE vs ' + base + ' | 95% interval | calibration |',
-            '|---|---:|---:|---:|---:|---|---:|---:|---:|---|']
-    def ci(r, k): return f"{r[k + '_lo']*100:+.1f} to {r[k + '_hi']*100:+.1f}" if r.get(k + '_lo') is not None else ''
-    for r in summary:
-        diff = _pm(r['diff'], r['diff_std'], sign='+') if 'diff' in r else ''
-        mem = _pm(r['memorised'], r['memorised_std']) if r['memorised'] is not None else '-'
-        ece = _pm(r['ece'], r['ece_std']) if r.get('ece') is not None else '-'
-        ece_diff = _pm(r['ece_diff'], r['ece_diff_std'], sign='+') if 'ece_diff' in r else ''
-        rows.append(f"| {r['mixer']} | {_pm(r['accuracy'], r['accuracy_std'])} | {diff} | {ci(r, 'diff')} | {mem} | {r.get('verdict', '')} "
-                    f"| {ece} | {ece_diff} | {ci(r, 'ece_diff')} | {r.get('calibration', '')} |")
-    return '\n'.join(rows)
+    return paired_table(summary, base, 'accuracy', 'test accuracy %', extra={'memorised': 'memorised %'}, ece=True)
 
 def table_notes(
     settings:dict, # The demo's settings (seeds, noise, n_changed)
@@ -489,71 +437,13 @@ def decoupled_summary(
     return out
 
 # %% ../nbs/02_demo.ipynb #241ec30a
-def _figure(figsize:tuple, ncols:int):
-    "A matplotlib figure drawn with Agg, whatever the global backend, and its axes"
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError as e: raise ImportError("The demo's pictures need matplotlib: pip install 'fastai-mix[demo]'") from e
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, np.atleast_1d(fig.subplots(1, ncols))
-
 def plot_accuracy(
     runs:list[dict], # One dict per run, as `train_mixer` returns
     fname:Path, # PNG file to write
 ) -> Path:
     "Per mixer, the accuracy (and the memorisation, when measured) of every seed, their mean and ± one std as an error bar"
-    summary = paired_summary(runs)
-    keys = [('accuracy', 'clean test accuracy %')] + ([('memorised', 'wrong training labels memorised %')] if summary[0]['memorised'] is not None else [])
-    fig, axs = _figure((4.2 * len(keys), 3.4), len(keys))
-    for ax, (k, title) in zip(axs, keys):
-        for i, r in enumerate(summary):
-            ys = [100 * o[k] for o in runs if o['mixer'] == r['mixer']]
-            ax.scatter([i] * len(ys), ys, color='0.6', s=12, zorder=2)
-            std = r[f'{k}_std']
-            ax.errorbar([i], [100 * r[k]], yerr=None if math.isnan(std) else [100 * std], fmt='o', color=f'C{i}', ms=8, capsize=6, lw=2, zorder=3)
-        ax.set_xticks(range(len(summary)), [r['mixer'] for r in summary])
-        ax.set_xlim(-.5, len(summary) - .5); ax.set_title(title); ax.grid(axis='y', alpha=.3)
-    fig.suptitle(f"mean ± std over {len(summary[0]['seeds'])} seeds (grey: each seed)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(fname, dpi=80)
-    return Path(fname)
-
-def plot_curves(
-    runs:list[dict], # One dict per run, as `train_mixer` returns
-    fname:Path, # PNG file to write
-) -> Path:
-    "Per mixer, the validation loss, accuracy and ECE (when measured) per epoch, averaged over the seeds, ± one std shaded"
-    from matplotlib.ticker import MaxNLocator
-    titles = dict(valid_loss='validation loss', accuracy='validation accuracy', ece='validation ECE (calibration error)')
-    keys = [k for k in titles if all(k in h for r in runs for h in r['history'])]
-    fig, axs = _figure((4.5 * len(keys), 3.4), len(keys))
-    for i, m in enumerate(dict.fromkeys(r['mixer'] for r in runs)):
-        for ax, k in zip(axs, keys):
-            ys = np.array([[h[k] for h in r['history']] for r in runs if r['mixer'] == m])
-            ep, mean = np.arange(1, ys.shape[1] + 1), ys.mean(0)
-            ax.plot(ep, mean, color=f'C{i}', label=m)
-            if len(ys) > 1: ax.fill_between(ep, mean - ys.std(0, ddof=1), mean + ys.std(0, ddof=1), color=f'C{i}', alpha=.15, lw=0)
-    for ax, k in zip(axs, keys):
-        ax.set(xlabel='epoch', title=titles[k]); ax.grid(alpha=.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axs[0].set_yscale('log') # the first epochs' losses can be 100 times the last ones
-    axs[1].legend()
-    fig.tight_layout()
-    fig.savefig(fname, dpi=80)
-    return Path(fname)
-
-def plot_calibration(
-    runs:list[dict], # One dict per run, with its `calibration` bins (as `train_mixer` returns)
-    fname:Path, # PNG file to write
-) -> Path:
-    "Per mixer, the reliability diagram of the final models' test predictions, pooled over the seeds"
-    fig = plot_reliability({m: pool_bins([r['calibration'] for r in runs if r['mixer'] == m]) for m in dict.fromkeys(r['mixer'] for r in runs)})
-    n = len({r['seed'] for r in runs})
-    fig.suptitle(f"final models' test predictions, pooled over {n} seed{'s' * (n > 1)}; on the diagonal: calibrated", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(fname, dpi=80)
+    keys = {'accuracy': 'clean test accuracy %', **({'memorised': 'wrong training labels memorised %'} if runs[0].get('memorised') is not None else {})}
+    plot_seeds(runs, keys, fname)
     return Path(fname)
 
 def save_results(
@@ -572,18 +462,10 @@ def save_results(
     paths['json'].write_text(json.dumps(dict(settings=settings, summary=summary, runs=runs), indent=2) + '\n')
     plot_accuracy(runs, paths['accuracy'])
     plot_curves(runs, paths['curves'])
-    if all(r.get('calibration') for r in runs): paths['calibration'] = plot_calibration(runs, out/'calibration.png')
+    if all(r.get('calibration') for r in runs): plot_calibration(runs, paths.setdefault('calibration', out/'calibration.png'))
     return paths
 
 # %% ../nbs/02_demo.ipynb #fe656f68
-@contextlib.contextmanager
-def torch_threads(n:int|None):
-    "Run the block with `n` CPU threads for torch (no change when None), and put the former number back"
-    before = torch.get_num_threads()
-    if n is not None: torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(before)
-
 def check_data(
     data:Path, # The image folder of `--data`
     out:Path, # The folder of `--out`
@@ -601,10 +483,6 @@ def check_data(
                         "one sub-folder of images per class")
     return vocab
 
-def _usable_cpus() -> int:
-    "The number of CPU cores this process may run on"
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-
 @functools.lru_cache(maxsize=1)
 def _seed_datasets(source:str|tuple, size:int, seed:int) -> Datasets|tuple: # once per seed and process
     "The images of a seed: of the folder `source`, or of Fashion-MNIST for `source=('fashion-mnist', files, n_train, noise)`"
@@ -612,16 +490,9 @@ def _seed_datasets(source:str|tuple, size:int, seed:int) -> Datasets|tuple: # on
     _, files, n_train, noise = source
     return fashion_datasets(dict(zip(FASHION_MNIST_FILES, files)), seed=seed, n_train=n_train, noise=noise, size=size)
 
-def _train_run(source:str|tuple, size:int, mixer:str, seed:int, **kwargs) -> tuple:
-    "One run of the demo, on the images of `source`: `train_mixer`'s dict, and the numbers of training and validation images"
-    dsets = _seed_datasets(source, size, seed)
-    return train_mixer(dsets, mixer, seed=seed, size=size, **kwargs), *((len(dsets.train), len(dsets.valid)) if isinstance(dsets, Datasets) else map(len, dsets))
-
-def _start_worker(use_cuda, threads:int|None):
-    "Set up a worker process as its parent: fastai's choice of device, torch's threads, figures drawn to files"
-    import matplotlib; matplotlib.use('Agg')
-    defaults.use_cuda = use_cuda
-    if threads is not None: torch.set_num_threads(threads)
+def _seed_learner(sources:dict, size:int, arch:str, bs:int, seed:int) -> Learner:
+    "The demo's learner of a seed, on the images of `sources[seed]` (read once per seed and process)"
+    return _dsets_learner(_seed_datasets(sources[seed], size, seed), arch, bs, size, seed)
 
 def _check_runs(
     names:list, # The runs' mixers, as `make_mixer` names them ('none', 'cutmix', 'cutmix+dm'...)
@@ -672,9 +543,9 @@ def run_demo(
     seed:int=0, # First seed: the runs use the seeds `seed` to `seed + seeds - 1`
     seeds:int=5, # Number of seeds: every mixer is trained once per seed
     n_train:int|None=200, # Keep only this many training images (all when None)
-    jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs
+    jobs:int|None=None, # Processes training the runs at once (1: this one); None: the usable CPU cores, at most the number of runs (1 on a GPU)
     threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
-    progress:bool=True, # Show fastai's progress bar during each run (only with `jobs=1`)
+    progress:bool=True, # In a notebook, show a progress bar over the runs (a line is printed as each run ends, in any case)
     decoupled:float=0., # > 0: also train each mixer of `mix` (not 'none') with the decoupled mixup loss at this eta, as '<mixer>+dm', on the same seeds
 ) -> dict: # settings, summary (as `paired_summary` returns) and runs (as `train_mixer` returns): `results.json`
     "Train the same model once per mixer and seed on the digits (or `data`), print the paired comparison and save it to `out`"
@@ -712,35 +583,30 @@ def run_demo(
         elif data is None: paths[s] = write_digits(images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         elif staged: paths[s] = stage_folder(data, images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         else: paths[s] = images
-    todo = [(m, s) for s in seed_list for m in names] # the runs, in the order of the table
-    jobs = min(jobs or _usable_cpus(), len(todo))
-    def run_kw(m, s): # `_train_run`'s arguments for mixer `m` and seed `s`
-        return dict(source=paths[s] if fashion else str(paths[s]), size=size, mixer=m, seed=s, arch=arch, epochs=epochs, lr=lr, bs=bs, noisy=noise > 0,
-                    show=batches.get(m) if s == seed else None, progress=progress and jobs == 1, decoupled=decoupled)
-    done = {}
-    def finished(m, s, res):
-        done[m, s] = res
-        r = res[0]
+    sources = {s: paths[s] if fashion else str(paths[s]) for s in seed_list}
+    learner = functools.partial(_seed_learner, sources, size, arch, bs)
+    def finished(r):
+        if 'error' in r: print(f"{r['mixer']:>12} seed {r['seed']}: failed: {r['error']}", flush=True); return
         memo = '' if r['memorised'] is None else f", memorised {r['memorised']:.1%}"
-        print(f"{m:>12} seed {s}: accuracy {r['accuracy']:.1%}{memo}, ECE {r['ece']:.1%} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
-    if jobs == 1:
-        try:
-            with torch_threads(threads):
-                for t in todo: finished(*t, _train_run(**run_kw(*t)))
-        finally: _seed_datasets.cache_clear()
-    else:
-        print(f"training {len(todo)} runs in {jobs} processes; a line as each run ends", flush=True)
-        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
-                                   initargs=(defaults.use_cuda, threads))
-        try:
-            futures = {pool.submit(_train_run, **run_kw(*t)): t for t in todo}
-            for f in as_completed(futures): finished(*futures[f], f.result())
-        finally: pool.shutdown(cancel_futures=True)
-    runs = [done[t][0] for t in todo]
+        print(f"{r['mixer']:>12} seed {r['seed']}: accuracy {r['accuracy']:.1%}{memo}, ECE {r['ece']:.1%} ({r['sec_per_epoch'] * epochs:.1f} s)", flush=True)
+    try:
+        res = compare_mixers(learner, {n: _demo_spec(n, decoupled) for n in names}, seeds=seed_list, fit=epochs, lr=lr, metric='accuracy', higher=True,
+                             ece=True, measure=functools.partial(_demo_measure, noise > 0), jobs=jobs, threads=threads,
+                             progress=progress and in_notebook(), on_run=finished)
+        if res.failed:
+            r = res.failed[0]
+            raise RuntimeError(f"{len(res.failed)} of the demo's runs failed; the first, {r['mixer']} on seed {r['seed']}:\n{r['traceback']}")
+        for m, f in batches.items(): # a mixed training batch per mixer, drawn from the first seed's learner as its run starts
+            learn = res.learner(m, seed)
+            save_batch(next(cb for cb in learn.cbs if isinstance(cb, MixHandler)), f, seed=seed)
+        last = _seed_datasets(sources[seed_list[-1]], size, seed_list[-1])
+        n_images = (len(last.train), len(last.valid)) if isinstance(last, Datasets) else tuple(map(len, last))
+    finally: _seed_datasets.cache_clear()
+    runs = res.runs
     settings = dict(mix=list(names), decoupled=decoupled, seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
-                    n_train_images=done[todo[-1]][1], n_valid_images=done[todo[-1]][2], n_changed=runs[0]['n_changed'],
-                    data=str(data) if data is not None else 'sklearn digits', images=str(images), device=str(default_device()),
-                    torch=torch.__version__, threads=threads, jobs=jobs, wall_seconds=None)
+                    n_train_images=n_images[0], n_valid_images=n_images[1], n_changed=runs[0]['n_changed'],
+                    data=str(data) if data is not None else 'sklearn digits', images=str(images), device=res.settings['device'],
+                    torch=torch.__version__, threads=threads, jobs=res.settings['jobs'], wall_seconds=None)
     settings['wall_seconds'] = round(time.perf_counter() - start, 1) # what the table took, before writing it
     paths = [*save_results(runs, settings, out).values(), *batches.values()]
     dm = decoupled_summary(runs)
@@ -833,7 +699,7 @@ def demo_parser() -> argparse.ArgumentParser:
                                                           "then ~/.fastai/data/FashionMNIST/raw, downloaded there when missing")
     arg('--out', 'folder for the written images and the results: a new or empty folder, or one the demo wrote before; '
                  'not inside --data', type=Path, default=Path(D['out']), metavar='PATH')
-    arg('--jobs', 'processes training the runs at once; the numbers are the same whatever it is (fastai\'s progress bars only with 1)',
+    arg('--jobs', 'processes training the runs at once; the numbers are the same whatever it is',
         type=_positive, default=D['jobs'], metavar='N', shown='the usable CPU cores, at most the number of runs')
     arg('--threads', "torch's CPU threads per run", type=_positive, default=D['threads'], metavar='N')
     t = sub.add_parser('tabular', help="no mixing against ManifoldMixup on a table bundled with scikit-learn, over seeds",

@@ -130,3 +130,19 @@ def test_metric_of_a_diverged_run_is_nan():
     masked = torch.tensor([[0., -float('inf'), 1.]] * 4) # -inf logits of masked classes: finite probabilities, a real ECE
     learn.metrics[1].reset(); learn.metrics[1].probs, learn.metrics[1].targs = [masked.softmax(1)], [torch.tensor([0, 2, 2, 2])]
     assert math.isfinite(learn.metrics[1].value)
+
+def test_metric_on_tabular_classifier():
+    "ECE() on fastai's tabular classifier, whose targets come as one column of class indices (N, 1)"
+    import pandas as pd
+    from fastai.data.block import CategoryBlock
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner
+    g = torch.Generator().manual_seed(0)
+    df = pd.DataFrame(torch.randn(64, 2, generator=g).numpy(), columns=['a', 'b'])
+    df['y'] = (df.a > 0).astype(int)
+    with no_random(0):
+        dls = TabularDataLoaders.from_df(df, y_names='y', cont_names=['a', 'b'], y_block=CategoryBlock(), bs=16)
+        learn = tabular_learner(dls, layers=[8], metrics=ECE())
+    eq_(dls.valid.one_batch()[-1].shape[1:], (1,)) # the targets: (N, 1)
+    with learn.no_logging(), learn.no_bar(), no_random(1): learn.fit(1, 1e-2)
+    probs, targs = learn.get_preds()
+    close_(learn.recorder.values[-1][-1], ece(probs, targs.view(-1)))

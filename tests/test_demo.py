@@ -248,7 +248,7 @@ def test_runs_that_cannot_train_are_usage_errors(tmp_path, capsys, monkeypatch, 
     "A mixer, arch and options that cannot train together stop the command with a usage error naming them, before anything is written or trained (issue 29, item 8)"
     from fastai_mix import demo
     def no_training(*args, **kwargs): raise AssertionError('a run started')
-    monkeypatch.setattr(demo, '_train_run', no_training)
+    monkeypatch.setattr(demo, 'compare_mixers', no_training) # the demo's runs go through compare_mixers
     monkeypatch.setattr(demo, 'train_mixer', no_training)
     with pytest.raises(SystemExit) as e: main(['demo', '--epochs', '1', '--seeds', '1', '--jobs', '1', *argv, '--out', str(tmp_path/'out')])
     eq_(e.value.code, 2)

@@ -4,9 +4,11 @@
 import sys
 from execnb.shell import CaptureShell
 from fastcore.nbio import read_nb, write_nb
-p = sys.argv[1]
-CaptureShell(mpl_format='png').execute(p, p, exc_stop=True)
-nb = read_nb(p)
-for c in nb.cells:
-    if c.cell_type == 'code': c.outputs = [o for o in c.outputs if not (o.output_type == 'stream' and o.name == 'stderr')]
-write_nb(nb, p)
+
+if __name__ == '__main__': # worker processes a notebook starts (`compare_mixers`, spawned) import this file again: they must not run it
+    p = sys.argv[1]
+    CaptureShell(mpl_format='png').execute(p, p, exc_stop=True)
+    nb = read_nb(p)
+    for c in nb.cells:
+        if c.cell_type == 'code': c.outputs = [o for o in c.outputs if not (o.output_type == 'stream' and o.name == 'stderr')]
+    write_nb(nb, p)
