@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 export IPYTHONDIR="$PWD/.cache/ipython" MPLCONFIGDIR="$PWD/.cache/mpl"   # nothing lands in $HOME
 mkdir -p "$IPYTHONDIR" "$MPLCONFIGDIR"
-.venv/bin/nbdev-proc-nbs                # the docs build's first step: it must run clean (Quarto renders _proc/ where installed)
-.venv/bin/nbdev-test
-.venv/bin/python -m pytest -q -n 2 "$@"          # both cores (pytest-xdist), one torch thread each
+# The notebooks' fits are a few small batches in memory, and fastai's loaders start `defaults.cpus` worker processes
+# at every epoch: starting them took most of the time. nbdev-proc-nbs runs in this one process (--n-workers 0: its
+# workers are spawned, and the loaders' inside them were spawned too, each importing torch again: minutes, not
+# seconds); nbdev-test forks its workers from a process where fastai's loaders load in-process (defaults.cpus = 0,
+# as tests/conftest.py sets it for the suite; the forked workers inherit it).
+.venv/bin/nbdev-proc-nbs --n-workers 0  # the docs build's first step: it must run clean (Quarto renders _proc/ where installed)
+.venv/bin/python -c 'from fastai.torch_core import defaults; defaults.cpus = 0; from nbdev.test import nbdev_test; nbdev_test.__wrapped__()'
+.venv/bin/python -m pytest -q -n 2 "$@"   # both cores (pytest-xdist), one torch thread each; tests marked slow start first (tests/conftest.py)
