@@ -7,7 +7,7 @@ import os, sys, pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 import torch, torch.distributed as dist
 from fastai.distributed import DistributedDL
-from fastai.torch_core import set_seed, rank_distrib, num_distrib
+from fastai.torch_core import set_seed, rank_distrib, num_distrib, defaults
 import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
 from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice, FMix
 from fastai_mix.test_utils import synth_learner, MixSpy
@@ -18,6 +18,7 @@ def _gloo_broadcast(self, t, rank):
     dist.broadcast(t, rank)
     return t.tolist()
 DistributedDL._broadcast = _gloo_broadcast
+defaults.cpus = 0 # the loaders load in each rank's own process (as in tests/conftest.py): no loader workers started at each epoch
 
 MIXERS = dict(mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, cutmix_ps=lambda: CutMix(per_sample=True),
               choice=lambda: MixChoice([MixUp(), CutMix()]), fmix=FMix, fmix_ps=lambda: FMix(per_sample=True))

@@ -1,4 +1,4 @@
-"The `fastai-mix demo` command end to end: the digits, `--data` folders, label noise, the paired comparison, the written results"
+"The `fastai-mix demo` command end to end: the digits, `--data` folders, label noise, the paired comparison, the written results, its usage errors, `--jobs`"
 import json, math, subprocess, sys
 import numpy as np, pytest, torch
 from pathlib import Path
@@ -48,6 +48,7 @@ def random_images(path:Path, classes=('cat', 'dog', 'emu'), n:int=8, seed:int=0)
 
 TINY = ['--epochs', '1', '--n-train', '64', '--size', '16', '--bs', '32', '--jobs', '1'] # in this process: no workers to start
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     "The whole experiment at tiny size: 4 mixers x 2 seeds, paired, with its pictures and every per-seed number"
     main(['demo', *TINY, '--seeds', '2', '--noise', '0.25', '--out', str(tmp_path)])
@@ -90,6 +91,7 @@ def test_paired_summary_by_hand():
     assert '| mixup | 78.0 ± 2.0 | +8.0 ± 0.0 | +8.0 to +8.0 | 20.0 ± 0.0 | better than none |' in table, table
     fail_(paired_summary, args=(runs[:-1],), contains='a paired comparison needs the same seeds') # none lacks seed 7
 
+@pytest.mark.slow
 def test_same_seed_same_table(tmp_path, capsys):
     "The same seeds give the same numbers and the same table; another seed gives others"
     tables = []
@@ -127,10 +129,12 @@ def test_memorisation_bookkeeping(tmp_path):
     eq_(memorisation(learn, image_datasets(write_digits(tmp_path/'clean', n_train=40), size=16).train.items),
         dict(memorised=None, corrected=None, n_changed=0))
 
-def test_python_m(tmp_path):
-    "`python -m fastai_mix` is the `fastai-mix` command"
-    r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--help'], capture_output=True, text=True)
-    eq_(r.returncode, 0); assert '--mix NAMES' in r.stdout and 'batch_<mixer>.png' in r.stdout and '--seeds N' in r.stdout
+@pytest.mark.slow
+def test_python_m(tmp_path, capsys):
+    "`python -m fastai_mix` is the `fastai-mix` command (its help read in this process: one child process is enough)"
+    with pytest.raises(SystemExit) as e: main(['demo', '--help'])
+    out = capsys.readouterr().out
+    eq_(e.value.code, 0); assert '--mix NAMES' in out and 'batch_<mixer>.png' in out and '--seeds N' in out
     r = subprocess.run([sys.executable, '-m', 'fastai_mix', 'demo', '--mix', 'none,mixup', *TINY, '--seeds', '1', '--out', str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -255,3 +259,129 @@ def test_runs_that_cannot_train_are_usage_errors(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert 'cannot train' in err and all(n in err for n in names), err
     assert not (tmp_path/'out').exists() # nothing written
+
+# ---- The command line on tiny image folders: --out and --data that would overwrite or train on each other, nested
+# class folders, stray images, usage errors, and --jobs (the runs in worker processes give the same numbers) ----
+
+CLI_TINY = ['--epochs', '1', '--seeds', '1', '--n-train', '20', '--bs', '8', '--size', '16', '--mix', 'none,cutmix', '--jobs', '1']
+
+def images(folder:Path, n:int=6, seed:int=0) -> Path:
+    "Write `n` small random RGB PNGs into `folder`"
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n): Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder/f'{folder.name}{i}.png')
+    return folder
+
+def class_folders(src:Path, classes=('a', 'b', 'c'), n:int=10) -> Path:
+    for i, c in enumerate(classes): images(src/c, n, seed=i)
+    return src
+
+def tree(path:Path) -> dict:
+    "Every file under `path`, with its bytes"
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob('*')) if f.is_file()}
+
+def usage_error(argv, capsys) -> str:
+    "The message of the usage error (exit code 2) that `fastai-mix` stops with on `argv`"
+    with pytest.raises(SystemExit) as e: main(argv)
+    eq_(e.value.code, 2)
+    return capsys.readouterr().err
+
+# --out inside --data (or --data inside --out) would train on the demo's own output
+def test_out_inside_data_refused(tmp_path, capsys, monkeypatch):
+    src = class_folders(tmp_path/'src')
+    before = tree(src)
+    for noise in ('0', '0.5'): # read in place, and staged under --out
+        err = usage_error(['demo', '--data', str(src), *CLI_TINY, '--noise', noise, '--n-train', 'all' if noise == '0' else '20',
+                           '--out', str(src/'results')], capsys)
+        assert f'--out {src/"results"} is inside --data {src}' in err, err
+    monkeypatch.chdir(src) # from inside the image folder, with the default --out (./demo_out)
+    err = usage_error(['demo', '--data', '.', *CLI_TINY], capsys)
+    assert '--out demo_out is inside --data .' in err, err
+    eq_(tree(src), before) # nothing written into the images
+    out = tmp_path/'out'
+    class_folders(out/'imgs')
+    err = usage_error(['demo', '--data', str(out/'imgs'), *CLI_TINY, '--out', str(out)], capsys)
+    assert f'--data {out/"imgs"} is inside --out {out}' in err, err
+    err = usage_error(['demo', '--data', str(src), *CLI_TINY, '--out', str(src)], capsys)
+    assert 'is inside --data' in err, err
+    eq_(tree(src), before)
+
+# the whole --out folder must be the demo's
+@pytest.mark.slow
+def test_out_the_user_owns_is_refused(tmp_path, capsys, monkeypatch):
+    mine = tmp_path/'mine'; mine.mkdir()
+    for f in ('results.md', 'results.json', 'accuracy.png', 'curves.png', 'batch_cutmix.png', 'notes.txt'): (mine/f).write_text('mine')
+    before = tree(mine)
+    err = usage_error(['demo', *CLI_TINY, '--out', str(mine)], capsys)
+    assert f'{mine} is not empty and was not written by the demo' in err and 'give a new or empty folder as --out' in err, err
+    eq_(tree(mine), before) # nothing written, nothing removed
+    monkeypatch.chdir(tmp_path) # the default --out, twice in a row, and an empty folder given as --out
+    for _ in range(2): main(['demo', *CLI_TINY])
+    assert (tmp_path/'demo_out'/'.fastai_mix_demo').exists() and (tmp_path/'demo_out'/'results.md').exists()
+    (tmp_path/'empty').mkdir()
+    main(['demo', *CLI_TINY, '--mix', 'none,mixup', '--out', 'empty'])
+    main(['demo', *CLI_TINY, '--out', 'empty']) # its own former output: the stale batch_mixup.png goes
+    eq_(sorted(o.name for o in (tmp_path/'empty').glob('batch_*.png')), ['batch_cutmix.png'])
+
+# class folders holding sub-folders, and images beside the class folders
+@pytest.mark.parametrize('split', [False, True])
+def test_nested_class_folders(tmp_path, capsys, split):
+    "Images in sub-folders of a class folder are of that class, read in place or staged"
+    src = tmp_path/'src'
+    roots = [src/'train', src/'valid'] if split else [src]
+    for k, r in enumerate(roots):
+        images(r/'a'/'indoor', 4, seed=k); images(r/'a'/'outdoor'/'deep', 4, seed=k + 1); images(r/'b', 8, seed=k + 2)
+    main(['demo', '--data', str(src), *CLI_TINY, '--noise', '0', '--n-train', 'all', '--out', str(tmp_path/'o1')]) # in place
+    res = json.loads((tmp_path/'o1'/'results.json').read_text())['settings']
+    eq_((res['n_train_images'], res['n_valid_images']), (16, 16) if split else (13, 3)) # every nested image is used
+    main(['demo', '--data', str(src), *CLI_TINY, '--noise', '0.5', '--n-train', '12', '--out', str(tmp_path/'o2')]) # staged
+    tr = get_image_files(tmp_path/'o2'/'data'/'seed0'/'train')
+    eq_(len(tr), 12); assert {true_label(f) for f in tr} == {parent_label(f) for f in tr} == {'a', 'b'}
+
+@pytest.mark.parametrize('split', [False, True])
+def test_stray_images_refused(tmp_path, capsys, split):
+    src = tmp_path/'src'
+    if split: class_folders(src/'train'); class_folders(src/'valid', n=3)
+    else: class_folders(src)
+    Image.new('RGB', (12, 12)).save((src/'train' if split else src)/'stray.png')
+    err = usage_error(['demo', '--data', str(src), *CLI_TINY, '--noise', '0', '--n-train', 'all', '--out', str(tmp_path/'o')], capsys)
+    assert f"--data {src}: 1 image lies beside the class folders, in no class ({'train/' if split else ''}stray.png)" in err, err
+    assert not (tmp_path/'o').exists()
+
+# usage errors, not tracebacks or meaningless runs
+def test_usage_errors(tmp_path, capsys):
+    one = images(tmp_path/'one'/'cat', 30).parent
+    for noise in ('0', '0.4'):
+        err = usage_error(['demo', '--data', str(one), *CLI_TINY, '--noise', noise, '--out', str(tmp_path/'o')], capsys)
+        assert f"--data {one} has a single class folder ('cat'): the demo trains a classifier, which needs at least 2" in err, err
+    (tmp_path/'file.txt').write_text('mine')
+    err = usage_error(['demo', *CLI_TINY, '--out', str(tmp_path/'file.txt')], capsys)
+    assert f'--out {tmp_path/"file.txt"} is a file, not a folder' in err, err
+    eq_((tmp_path/'file.txt').read_text(), 'mine')
+    err = usage_error(['demo', *CLI_TINY, '--seed', '-1', '--out', str(tmp_path/'o')], capsys)
+    assert "argument --seed: expected a non-negative integer, got '-1'" in err, err
+    for lr in ('-1', '0', 'nan', 'inf', 'fast'):
+        err = usage_error(['demo', *CLI_TINY, '--lr', lr, '--out', str(tmp_path/'o')], capsys)
+        assert f"argument --lr: expected a positive finite number, got '{lr}'" in err, (lr, err)
+    for opt in ('--jobs', '--threads'):
+        assert f"argument {opt}: expected a positive integer, got '0'" in usage_error(['demo', opt, '0'], capsys)
+    assert not (tmp_path/'o').exists()
+
+# --jobs: the runs in worker processes give the same numbers
+@pytest.mark.slow
+def test_jobs_same_results(tmp_path, capsys):
+    res, printed = [], []
+    for jobs in ('1', '2'):
+        argv = ['demo', *CLI_TINY, '--mix', 'none,mixup,cutmix', '--seeds', '2', '--noise', '0.25', '--jobs', jobs, '--threads', '1',
+                '--out', str(tmp_path/jobs)]
+        main(argv)
+        printed.append(capsys.readouterr().out)
+        res.append(json.loads((tmp_path/jobs/'results.json').read_text()))
+    runs = [[{k: v for k, v in r.items() if k != 'sec_per_epoch'} for r in o['runs']] for o in res]
+    eq_([(r['mixer'], r['seed']) for r in runs[1]], [(m, s) for s in (0, 1) for m in ('none', 'mixup', 'cutmix')]) # the fixed order
+    eq_(runs[0], runs[1]) # accuracies, memorisation and every epoch's losses, bit for bit
+    eq_(res[0]['summary'], res[1]['summary'])
+    eq_((res[0]['settings']['jobs'], res[1]['settings']['jobs'], res[1]['settings']['threads']), (1, 2, 1))
+    for f in ('batch_mixup.png', 'batch_cutmix.png', 'accuracy.png'): # the first seed's mixed batches, drawn in the workers
+        assert np.array_equal(np.asarray(Image.open(tmp_path/'1'/f)), np.asarray(Image.open(tmp_path/'2'/f))), f
+    for p in printed: eq_(sum(': accuracy ' in l for l in p.splitlines()), 6) # one line per run

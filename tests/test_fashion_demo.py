@@ -37,6 +37,7 @@ def check_calibration(res:dict, n_valid:int):
         close_(s['ece_diffs'], [r['ece'] - n['ece'] for r in res['runs'] if r['mixer'] == s['mixer'] for n in res['runs'] if n['mixer'] == 'none' and n['seed'] == r['seed']])
         assert s['calibration'] in ('better calibrated', 'worse calibrated', 'within the noise')
 
+@pytest.mark.slow
 def test_fashion_mnist_end_to_end(tmp_path, capsys):
     root, out = fashion_files(tmp_path/'fm'), tmp_path/'out'
     main(['demo', '--data', 'fashion-mnist', '--root', str(root), *TINY, '--out', str(out)])
@@ -55,6 +56,7 @@ def test_fashion_mnist_end_to_end(tmp_path, capsys):
     for f in ('calibration.png', 'curves.png', 'accuracy.png', 'batch_fmix.png'): eq_(Image.open(out/f).format, 'PNG')
     eq_(sorted(p.name for p in out.iterdir() if p.is_dir()), []) # nothing staged on disk: the images stay in memory
 
+@pytest.mark.slow
 def test_fashion_mnist_noise_and_jobs(tmp_path, capsys):
     "Label noise on Fashion-MNIST is measured as on the digits; two worker processes give the same numbers as one"
     root = fashion_files(tmp_path/'fm', gz=False)

@@ -270,6 +270,7 @@ if CHILD: # ---------------------------------------------------------------- und
         assert not K.fused_kernels_on()
 
 else: # ---------------------------------------------------------------- this process: the interpreter in a child, CUDA here
+    @pytest.mark.slow
     def test_interpreter():
         "The interpreter tests of this file, in a child process with TRITON_INTERPRET=1 (it must be set before triton is imported)"
         root = Path(__file__).parents[1]

@@ -1,12 +1,12 @@
-"Issue 4's options: p, per_sample, minmax, stop_pct, schedules, MixChoice, masks and MixCollate, read back from the pixels"
-import math
-import pytest, torch, torch.nn.functional as F
+"The mixers' options: p, per_sample, minmax, stop_pct, schedules and masks, read back from the pixels (MixChoice: tests/test_mixchoice.py, MixCollate: tests/test_collate.py)"
+import math, re
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.test import test_close as close_, test_eq as eq_
-from fastai.callback.schedule import ParamScheduler, SchedNo
+from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler, SchedNo, SchedLin, SchedCos
+import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
 from fastai.torch_core import no_random
-from torch.utils.data import DataLoader, TensorDataset
-from fastai_mix import (MixHandler, MixUp, CutMix, ResizeMix, MixChoice, MixCollate, mixup, cutmix, resizemix, draw_boxes, boxes_share,
-                        mix_loss)
+from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice, mixup, cutmix, resizemix, draw_boxes, boxes_share
 from fastai_mix.test_utils import synth_learner, synth_seg_learner, MixSpy, paste_shares, blend_shares
 
 def gen(seed=0): return torch.Generator().manual_seed(seed)
@@ -85,18 +85,8 @@ def test_minmax_sides_and_borders(fn, per_sample):
             hits += torch.tensor([rows[0] == 0, rows[-1] == 19, cols[0] == 0, cols[-1] == 29]).float()
     assert (hits > 0).all() # the boxes reach every border
 
-def test_mixchoice_weights_and_picks():
-    x = torch.rand(8, 3, 8, 8)
-    only_mixup = MixChoice([MixUp(), CutMix()], weights=[1, 0])
-    for _ in range(20):
-        (xm, _), perm, lam = only_mixup.mix((x,), (torch.zeros(8).long(),), inplace=False)
-        assert isinstance(lam, torch.Tensor) # MixUp's per-sample shares
-    with no_random(0): picks = [isinstance(MixChoice([MixUp(), CutMix()], weights=[1, 3]).mix((x,), (torch.zeros(8).long(),), inplace=False)[2], float)
-                                for _ in range(800)]
-    assert abs(sum(picks) / 800 - .75) < .06 # 4 standard deviations
-
 def test_two_mixers_point_to_mixchoice():
-    learn = synth_learner(cbs=[MixUp(), CutMix()]) # two on the learner (one given to a fit replaces the learner's: tests/test_review2_callback.py)
+    learn = synth_learner(cbs=[MixUp(), CutMix()]) # two on the learner (one given to a fit replaces the learner's: tests/test_callback.py)
     with pytest.raises(ValueError, match=r'MixChoice\(\[MixUp\(\), CutMix\(\)\]\)'): learn.fit(1)
     eq_(len(learn.cbs.filter(lambda o: isinstance(o, MixHandler))), 2)
 
@@ -134,17 +124,6 @@ def test_mask_with_channel_and_float_masks():
     with pytest.raises(ValueError, match='use CutMix or ResizeMix for segmentation'): mixup(x, y=m)
     with pytest.raises(ValueError, match='a target has batch size 15 but the inputs have 16'): cutmix(x, y=m[:15])
 
-def test_mixcollate():
-    ds = TensorDataset(torch.rand(64, 3, 16, 16), torch.randint(0, 10, (64,)))
-    for kw in [dict(), dict(per_sample=True), dict(mix=resizemix, p=.5)]:
-        for x, y in DataLoader(ds, batch_size=16, collate_fn=MixCollate(num_classes=10, **kw), num_workers=2):
-            eq_(y.shape, (16, 10)); close_(y.sum(1), torch.ones(16))
-    x, y, y1, lam = next(iter(DataLoader(ds, batch_size=16, collate_fn=MixCollate(mixup))))
-    eq_(x.shape, (16, 3, 16, 16)); eq_(lam.shape, (16,)); eq_(sorted(y1.tolist()), sorted(y.tolist()))
-    seg = TensorDataset(torch.rand(32, 3, 8, 8), torch.randint(0, 3, (32, 8, 8)))
-    x, m = next(iter(DataLoader(seg, batch_size=8, collate_fn=MixCollate())))
-    eq_(m.shape, (8, 8, 8))
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('fn', [cutmix, resizemix])
@@ -155,3 +134,60 @@ def test_cuda_per_sample_no_sync(fn):
         for kw in [dict(per_sample=True), dict(per_sample=True, minmax=(.2, .6), p=.5)]: fn(x, y=m, **kw)
         MixChoice([MixUp(), CutMix()], per_sample=True, p=.8).mix((x,), (torch.zeros(32, device='cuda').long(),))
     finally: torch.cuda.set_sync_debug_mode('default')
+
+# ---- a ParamScheduler's values count only in its own fit ----
+
+def mixed_batches(recs): return sum(bool(moved(r['perm']).any()) for r in recs if r['perm'] is not None)
+
+def test_schedule_does_not_outlive_its_fit(tmp_path):
+    sched = lambda: ParamScheduler({'mix_alpha': SchedLin(.2, 1.), 'mix_p': SchedCos(1., 0.)})
+    spy = MixSpy()
+    learn = synth_learner(cbs=spy, n=128, bs=16)
+    learn.fit_one_cycle(2, cbs=[CutMix(), sched()])
+    assert learn.opt.hypers[-1]['mix_p'] < .01 # what the schedule left in the optimizer
+    learn.fit_one_cycle(2, cbs=CutMix()) # a fresh mixer in the next fit
+    eq_(mixed_batches(spy.records), 16) # every batch mixed: p=1, not the value left behind
+    learn = synth_learner(cbs=[CutMix(), spy], n=128, bs=16) # a mixer on the learner, scheduled in one fit
+    learn.fit_one_cycle(2, cbs=sched())
+    eq_(learn.cut_mix.current('p'), 1.) # what show_batch reads
+    learn.fit(1)
+    eq_(mixed_batches(spy.records), 8)
+    learn.save(tmp_path/'ckpt', with_opt=True)
+    spy2 = MixSpy()
+    fresh = synth_learner(cbs=[CutMix(), spy2], n=128, bs=16)
+    fresh.load(tmp_path/'ckpt', with_opt=True)
+    assert 'mix_p' in fresh.opt.hypers[-1]
+    fresh.fit(1)
+    eq_(mixed_batches(spy2.records), 8)
+
+def test_schedule_still_counts_in_its_fit():
+    class PSpy(Callback):
+        order = MixHandler.order + 1
+        def before_fit(self): self.seen = []
+        def before_batch(self):
+            if self.training: self.seen.append(self.learn.cut_mix.current('p'))
+    learn = synth_learner(cbs=[CutMix(), PSpy()], n=64, bs=16)
+    learn.fit(1, lr=0, cbs=ParamScheduler({'mix_p': SchedLin(1., 0.)}))
+    close_(learn.p_spy.seen, [1., .75, .5, .25])
+
+# ---- p = 0 trains exactly as without the callback, dropout and all ----
+
+@pytest.mark.parametrize('mixer', [lambda: MixChoice([MixUp(), CutMix()], p=0), lambda: MixChoice([MixUp(), CutMix()], p=0, per_sample=True),
+                                   lambda: MixUp(p=0), lambda: CutMix(p=0), lambda: ResizeMix(per_sample=True, p=0),
+                                   lambda: MixChoice([MixUp(stop_pct=0), CutMix(stop_pct=0)])],
+                         ids=['choice', 'choice-per-sample', 'mixup', 'cutmix', 'resizemix-per-sample', 'choice-all-stopped'])
+def test_p0_is_no_callback_with_dropout(mixer):
+    def losses(cbs):
+        with no_random(0):
+            learn = synth_learner(cbs=cbs)
+            learn.model = nn.Sequential(nn.Flatten(), nn.Dropout(.5), nn.Linear(3 * 8 * 8, 4))
+        with no_random(1): learn.fit(2)
+        return learn.recorder.losses
+    eq_(losses([mixer()]), losses([]))
+
+# ---- per_sample is True or False ----
+
+@pytest.mark.parametrize('make', [lambda v: CutMix(per_sample=v), lambda v: ResizeMix(per_sample=v), lambda v: MixChoice([MixUp()], per_sample=v)])
+@pytest.mark.parametrize('v', ['False', 0, 1, None, 'yes'])
+def test_per_sample_must_be_a_bool(make, v):
+    with pytest.raises(TypeError, match=rf"per_sample must be True or False, got {re.escape(repr(v))}"): make(v)

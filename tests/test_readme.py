@@ -3,7 +3,13 @@ file or to a section of a notebook or a markdown file resolves (the section anch
 for the docs site nbdev builds)."""
 import json, os, re
 from pathlib import Path
-import pytest
+import pytest, torch.nn as nn
+from fastcore.test import test_eq as eq_
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai_mix import MixHandler, ResizeMix
+from fastai_mix.test_utils import synth_dls
+from test_callback import Mixing
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT/'README.md').read_text()
@@ -65,6 +71,7 @@ def test_readme_is_short():
     "The README is a landing page; the notebooks hold the reference"
     assert len(README.splitlines()) <= 150
 
+@pytest.mark.loader_workers # as the user runs it: fastai's loaders with their worker processes
 def test_python_blocks_run(tmp_path, monkeypatch):
     "Every Python block of the README, as written, top to bottom in one namespace, in a fresh working directory"
     import matplotlib; matplotlib.use('Agg')
@@ -103,3 +110,35 @@ def test_options_each_mixer_refuses_are_the_readmes():
             try: cls(**kw)
             except ValueError: refused.add(name)
         assert refused == said.get(cls.__name__, set()), (cls.__name__, refused)
+
+# ---- the Usage block, on small synthetic images: the mixer on the learner, and one given to a fit ----
+
+def readme_usage():
+    usage = README.split('## Usage', 1)[1]
+    return re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+
+def test_readme_usage_block(monkeypatch, tmp_path):
+    "The README's Usage block as written, on small synthetic images: CutMix on the learner mixes the fit, and stays on it"
+    import fastai.vision.all as va
+    spy = Mixing()
+    made, lfs = [], []
+    def vision_learner(dls, arch, loss_func=None, cbs=None, **kwargs): # the README's call, on a tiny model (no download)
+        made.append(Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, dls.c)), loss_func=loss_func or CrossEntropyLossFlat(), cbs=[cbs, spy]))
+        lfs.append(made[-1].loss_func) # fastai infers this loss from the digits' labels
+        return made[-1]
+    dls = synth_dls(n=16, bs=16)
+    dls.c = 4
+    class ImageDataLoaders: from_folder = staticmethod(lambda *a, **k: dls) # the README's folder of digits, as small synthetic images
+    monkeypatch.setattr(va, 'vision_learner', vision_learner)
+    monkeypatch.setattr(va, 'ImageDataLoaders', ImageDataLoaders)
+    monkeypatch.chdir(tmp_path) # the block writes its digits into the working directory
+    code = readme_usage()
+    assert 'cbs=CutMix()' in code and 'show_batch' in code
+    exec(code, {})
+    learn = made[0]
+    eq_(spy.fits, [[['CutMix']]]) # one epoch of one batch, mixed by CutMix (show_batch trains nothing)
+    assert [type(cb).__name__ for cb in learn.cbs if isinstance(cb, MixHandler)] == ['CutMix']
+    assert learn.loss_func is lfs[0] # the learner's own loss, after the fit
+    learn.fit(1, cbs=ResizeMix()) # the README's "for one fit only", with another mixer: it replaces CutMix there
+    eq_(spy.seen, [['ResizeMix']])
+    assert not hasattr(learn, 'resize_mix') and learn.loss_func is lfs[0]

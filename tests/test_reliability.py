@@ -132,6 +132,7 @@ def test_lr_find(mixer):
     eq_(learn.model[1].weight, w0) # lr_find puts the weights back
     assert_as_found(learn, snap, m)
 
+@pytest.mark.loader_workers # fastai's own loaders, with their worker processes, as a user on Linux has them
 @pytest.mark.parametrize('mixer', MIXERS)
 def test_fine_tune(mixer):
     m, spy = mixer(), MixSpy()
@@ -156,6 +157,7 @@ def test_save_model_and_early_stopping(mixer, tmp_path):
     check_mixing(m, spy.records)
     assert_as_found(learn, snap, m)
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mixer', MIXERS)
 def test_torch_compile(mixer):
     m, spy = mixer(), MixSpy()
@@ -300,6 +302,13 @@ class Interrupt(Callback):
 
 @pytest.mark.slow
 def test_soak_interrupted_fits():
+    """60 fits on one learner per mixer, each interrupted at a random event of training (the n-th time it comes, in any
+    epoch) by a random one of fastai's cancel exceptions or a KeyboardInterrupt, each followed by a clean fit. What it
+    catches, beyond the exhaustive one-exception tests of tests/test_callback.py: a loss function, callback list or
+    mixer state not given back after an interrupt that comes late in a fit or after earlier interrupted fits on the
+    same learner (state that builds up), at before_train/after_train, with CutMix per sample at p < 1 and with
+    MixChoice; and a learner that no longer trains and mixes correctly afterwards. (Its fits load in-process, see
+    tests/conftest.py: the same 60 rounds take seconds, where starting loader workers at every epoch took minutes.)"""
     rng, t0 = random.Random(6), time.perf_counter()
     for mixer in [MixUp(), CutMix(), ResizeMix(), CutMix(per_sample=True, p=.7), MixChoice([MixUp(), ResizeMix()], per_sample=True)]:
         lf = CrossEntropyLossFlat()
@@ -307,7 +316,7 @@ def test_soak_interrupted_fits():
         with no_random(rng.randrange(1000)): learn = synth_learner(loss_func=lf, cbs=[mixer, spy], n=24, bs=5)
         learn.remove_cb(ProgressCallback); learn.logger = noop # quiet and quicker
         snap, n_ok = snapshot(learn), 0
-        for i in range(12): # 60 interrupted fits in all, each followed by a clean one (about 90 s on one core)
+        for i in range(12): # 60 interrupted fits in all, each followed by a clean one
             event, exc = rng.choice(EVENTS), rng.choice(EXCS)
             cb = Interrupt(event, exc, at=rng.randrange(1, 15))
             try: learn.fit(rng.randrange(1, 4), 1e-3, cbs=cb)

@@ -1,13 +1,17 @@
-"`show_batch`: what it draws is the mixed batch, its titles are the loss's labels and shares read back from the pixels, and it leaves no trace"
+"`show_batch`: what it draws is the mixed batch, its titles are the loss's labels and shares read back from the pixels, and it leaves no trace; tables and signals too"
 import json, os, random, subprocess, sys, textwrap
-import numpy as np, pytest, torch
+import numpy as np, pandas as pd, pytest, torch
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-from fastcore.test import test_eq as eq_
-from fastai.data.core import Datasets
+from matplotlib.figure import Figure
+from fastcore.test import test_eq as eq_, test_close as close_
+from fastai.data.core import Datasets, DataLoaders
 from fastai.data.transforms import ItemGetter, Categorize, Normalize
-from fastai.torch_core import TensorImage, no_random, set_seed
+from fastai.tabular.data import TabularDataLoaders
+from fastai.tabular.core import Normalize as TabularNormalize
+from fastai.torch_core import TensorImage, TensorMask, no_random, set_seed
 from fastai_mix import MixHandler, MixUp, CutMix, ResizeMix, MixChoice, mix_title
+import fastai_mix.show
 from fastai_mix.show import untouched
 from fastai_mix.test_utils import synth_learner, synth_dls, blend_shares, paste_shares
 
@@ -135,6 +139,7 @@ IPYTHON_RUN = textwrap.dedent('''
     print(json.dumps({src: run(src) for src in sys.argv[2:]}))
 ''')
 
+@pytest.mark.slow
 def test_shown_once_in_ipython(tmp_path):
     "In an IPython kernel (execnb's, as nbdev runs notebooks) one call shows one picture, as fastai's `dls.show_batch()` does"
     calls = ['dls.show_batch(max_n=4)', 'learn.cut_mix.show_batch(max_n=4)',
@@ -193,3 +198,87 @@ def test_cuda(mixer):
     fig = mixer().show_batch(dls, max_n=4, show=False)
     eq_(len(fig.axes), 4)
     assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], torch.cuda.get_rng_state())
+
+# ---- Off the image path: a tabular batch as a mixed table, signal segmentation with its masks; a new batch on each
+# call after `set_seed` ----
+
+def table_dls(n=16, bs=8):
+    "A continuous-only table with named classes, normalised: the tabular data where MixUp applies"
+    g = np.random.default_rng(0)
+    df = pd.DataFrame(g.normal(3, 2, size=(n, 3)), columns=['a', 'b', 'c'])
+    df['y'] = np.array(['no', 'yes'])[g.integers(0, 2, n)]
+    return TabularDataLoaders.from_df(df, cont_names=['a', 'b', 'c'], y_names='y', procs=[TabularNormalize], bs=bs)
+
+@pytest.mark.parametrize('mixer', [MixUp, lambda: MixChoice([MixUp(), MixUp(alpha=1.)])], ids=['MixUp', 'MixChoice'])
+def test_tabular_shows_the_mixed_table(mixer):
+    mixer, dls = mixer(), table_dls()
+    df = mixer.show_batch(dls, max_n=6, seed=1, show=False)
+    assert isinstance(df, pd.DataFrame)
+    ref = dls.train.show_batch(show=False)[0].decode().items # fastai's own: the decoded table it shows
+    eq_(list(df.columns), [*ref.columns, 'partner y', 'share %'])
+    eq_(len(df), 6)
+    dl = dls.train
+    with untouched(dl, 1): # the same draws again: the batch, the partners and the shares
+        cats, conts, y = dl.one_batch()
+        _, perm, lam = mixer.mix((cats, conts), (y,), inplace=False)
+    raw = dl.decode((cats, conts, y)).decode().items.reset_index(drop=True) # the rows unmixed, decoded (denormalised, class names)
+    lam = torch.as_tensor(lam, dtype=torch.float64).expand(len(perm))
+    for i in range(6):
+        j, l = int(perm[i]), float(lam[i])
+        close_(df.loc[i, ['a', 'b', 'c']].to_numpy(float), l * raw.loc[i, ['a', 'b', 'c']].to_numpy(float) + (1 - l) * raw.loc[j, ['a', 'b', 'c']].to_numpy(float), eps=1e-4)
+        eq_((df.loc[i, 'y'], df.loc[i, 'partner y'], df.loc[i, 'share %']), (raw.loc[i, 'y'], raw.loc[j, 'y'], 100 if i == j else round(100 * l)))
+    assert set(df['y']) <= {'no', 'yes'} and (df['share %'] < 100).any() # decoded through the vocab, and mixed
+    n_figs = len(plt.get_fignums())
+    eq_(mixer.show_batch(dls, max_n=3), None) # shown as fastai shows a table: no figure
+    eq_(len(plt.get_fignums()), n_figs)
+
+SIGNAL_MASKS = [(CutMix, lambda m: TensorMask(m)), (CutMix, lambda m: m), (MixUp, lambda m: TensorMask(m.float()))]
+
+@pytest.mark.parametrize('mixer,as_mask', SIGNAL_MASKS, ids=['CutMix-TensorMask', 'CutMix-int', 'MixUp-float-TensorMask'])
+def test_signal_segmentation_draws_lines_and_mixed_masks(mixer, as_mask):
+    "Signals (N, C, L) with (N, L) masks, through fastai's own `DataLoaders`: each signal's lines, its mixed mask as a band under them"
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(16, 2, 12, generator=g), as_mask(torch.randint(0, 3, (16, 12), generator=g))
+    items = [(x[i], m[i]) for i in range(16)]
+    dls = DataLoaders.from_dsets(items, items, bs=8)
+    mixer = mixer()
+    fig = mixer.show_batch(dls, max_n=4, seed=2, show=False)
+    assert isinstance(fig, Figure)
+    eq_(len(fig.axes), 4)
+    dl = dls.train
+    with untouched(dl, 2):
+        xb, yb = dl.one_batch()
+        (xm, ym), perm, lam = mixer.mix((xb,), (yb,), inplace=False)
+    for i, ax in enumerate(fig.axes):
+        eq_(len(ax.lines), 2) # one line per channel
+        for c, line in enumerate(ax.lines): close_(line.get_ydata(), xm[0][i, c].numpy())
+        eq_(len(ax.images), 1) # the mask, as a band one step per column
+        eq_(np.asarray(ax.images[0].get_array()), ym[0][i].float()[None].numpy())
+    assert any(not torch.equal(ym[0][i], yb[i]) for i in range(4)) # the masks shown are mixed
+
+def lines_shown(dls): return [l.get_ydata().copy() for ax in CutMix().show_batch(dls, max_n=2, show=False).axes for l in ax.lines]
+def same_lines(a, b): return all(np.array_equal(o, p) for o, p in zip(a, b))
+def random_states(): return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+def test_each_call_after_set_seed_shows_a_new_batch_and_set_seed_repeats_them():
+    dls = synth_dls(shape=(2, 16), bs=8)
+    set_seed(0)
+    states = random_states()
+    a, b = lines_shown(dls), lines_shown(dls)
+    assert not same_lines(a, b) # a new batch each call, also when nothing drew in between
+    eq_(random_states()[0], states[0]); eq_(random_states()[1], states[1]); eq_(random_states()[2], states[2]) # the random states as they were
+    set_seed(0)
+    c, d = lines_shown(dls), lines_shown(dls)
+    assert same_lines(a, c) and same_lines(b, d) # set_seed shows the same ones again
+    set_seed(1); assert not same_lines(a, lines_shown(dls))
+    set_seed(0); lines_shown(dls); CutMix().show_batch(dls, seed=5, show=False) # a call with a seed of its own does not count
+    assert same_lines(b, lines_shown(dls))
+
+def test_without_a_seeding_mark_the_states_decide(monkeypatch):
+    "A torch that queues no seeding to read: right after `set_seed` every call shows that seed's batch (the rule documented in 03_show)"
+    monkeypatch.setattr(fastai_mix.show, '_seed_mark', lambda: None)
+    dls = synth_dls(shape=(2, 16), bs=8)
+    set_seed(0); a, b = lines_shown(dls), lines_shown(dls)
+    assert same_lines(a, b)
+    random.random(); c, d = lines_shown(dls), lines_shown(dls)
+    assert not same_lines(c, d)
