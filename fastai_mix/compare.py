@@ -24,8 +24,8 @@ from .calibration import ECE, pool_bins, plot_reliability
 
 # %% auto #0
 __all__ = ['t_quantile', 'mean_std', 'paired_interval', 'paired_summary', 'seeds_needed', 'paired_table', 'plot_seeds',
-           'plot_curves', 'plot_calibration', 'seeded_learner', 'train_run', 'torch_threads', 'usable_cpus',
-           'compare_mixers', 'Comparison']
+           'plot_curves', 'plot_calibration', 'seeded_learner', 'train_run', 'Comparison', 'torch_threads',
+           'usable_cpus', 'compare_mixers']
 
 # %% ../nbs/12_compare.ipynb #635cb63a
 def t_quantile(
@@ -405,6 +405,122 @@ def train_run(
     if calib is not None: run['calibration'] = bins
     return run
 
+# %% ../nbs/12_compare.ipynb #47c44f2e
+class Comparison:
+    "The paired comparison of mixers over seeds that `compare_mixers` returns: every run, the summary against `base`, the runs that failed"
+    def __init__(self,
+        runs:list[dict], # The finished runs, one dict per mixer and seed, as `train_run` returns them
+        failed:list[dict]=(), # The runs that raised: mixer, seed, error, traceback
+        metric:str='accuracy', # The number the mixers are judged by
+        higher:bool=True, # Whether a higher `metric` is better
+        base:str='none', # The mixer the others are compared with, seed by seed
+        ece:bool=False, # Whether the runs measured the expected calibration error
+        metrics:tuple=(), # The learner's other metrics, shown beside `metric`
+        level:float=0.95, # Confidence level of the paired intervals
+        settings:dict|None=None, # How the runs were made (seeds, fit, jobs, device, wall time...)
+        learner=None, specs:dict|None=None, # The learner function and the mixers by name, for `learner()`
+    ):
+        store_attr('runs,metric,higher,base,ece,metrics,level')
+        self.failed, self.settings, self._learner, self._specs = list(failed), dict(settings or {}), learner, dict(specs or {})
+        self.mixers = list(self._specs) or list(dict.fromkeys([*(r['mixer'] for r in runs), *(r['mixer'] for r in self.failed)]))
+        self.seeds = self.settings.get('seeds') or sorted({r['seed'] for r in [*runs, *self.failed]})
+
+    @property
+    def extra(self) -> list[str]:
+        "The numbers shown beside `metric`: the learner's other metrics, then those `measure` added"
+        skip = {'mixer', 'seed', 'history', 'calibration', 'sec_per_epoch', 'train_loss', 'valid_loss', 'ece', self.metric}
+        more = [k for r in self.runs[:1] for k, v in r.items() if k not in skip and k not in self.metrics and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return [k for k in self.metrics if k not in skip] + more
+
+    @property
+    def summary(self) -> list[dict]:
+        "Per mixer, as `paired_summary` gives it, each paired with `base` on the seeds both trained on; `failed` lists a mixer's failed seeds"
+        stats, out = (*self.extra, *(('ece',) if self.ece else ())), []
+        ok = {m: {r['seed'] for r in self.runs if r['mixer'] == m} for m in self.mixers}
+        kw = dict(base=self.base, level=self.level, metric=self.metric, higher=self.higher, stats=stats)
+        for m in self.mixers:
+            bad = sorted(r['seed'] for r in self.failed if r['mixer'] == m)
+            if not ok[m]:
+                out.append({'mixer': m, 'seeds': [], self.metric: None, 'failed': bad, 'verdict': f"failed on {len(bad)} seed{'s' * (len(bad) > 1)}"})
+                continue
+            seeds = ok[m] if m == self.base or not ok.get(self.base) else ok[m] & ok[self.base] # paired on the seeds both trained on
+            if not seeds: seeds, kw_m = ok[m], dict(kw, base=None)
+            else: kw_m = kw
+            rs = [r for r in self.runs if r['seed'] in seeds and r['mixer'] in (m, self.base)]
+            row = next(r for r in paired_summary(rs, **kw_m) if r['mixer'] == m)
+            if bad:
+                row['failed'] = bad
+                row['verdict'] = f"{row.get('verdict', '')}; failed on seed{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}".lstrip('; ')
+            out.append(row)
+        return out
+
+    def table(self) -> str:
+        "The summary as a markdown table: `metric`, the paired difference with `base`, its interval, the other numbers, the verdict; and the ECE"
+        return paired_table(self.summary, self.base, self.metric, extra={k: _label(k) for k in self.extra}, ece=self.ece, level=self.level)
+
+    def notes(self) -> str:
+        "How to read `table`, in words, and what failed"
+        n, name = len(self.seeds), _label(self.metric).removesuffix(' %')
+        s = (f"Mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, self.seeds))}). 'vs {self.base}' is the mean ± std of the per-seed "
+             f"differences in {name} (the mixer's minus {self.base}'s, runs of one seed sharing their data, validation set, initial weights and "
+             f"data order); a mixer is called better or worse only when the {self.level:.0%} paired t-interval of that difference excludes 0 "
+             f"({'higher' if self.higher else 'lower'} {name} is better), otherwise the difference is within the noise.")
+        if self.ece: s += " ECE: expected calibration error on the validation set, in points; lower is better, judged by the same rule."
+        for r in self.failed: s += f"\n\n{r['mixer']}, seed {r['seed']}, failed: {' '.join(r['error'].split())[:300]}"
+        return s
+
+    def _repr_markdown_(self): return f"{self.table()}\n\n{self.notes()}"
+    def __repr__(self):
+        return (f"Comparison of {', '.join(self.mixers)} on seeds {self.seeds}, judged by {self.metric} ({'higher' if self.higher else 'lower'} is better) "
+                f"against {self.base}: {len(self.runs)} runs{f', {len(self.failed)} failed' if self.failed else ''}\n\n{self.table()}")
+
+    def frame(self):
+        "The per-seed numbers as a pandas DataFrame: one row per finished run"
+        import pandas as pd
+        return pd.DataFrame([{k: v for k, v in r.items() if k not in ('history', 'calibration')} for r in self.runs])
+
+    def plot(self,
+        fname:Path|None=None, # PNG file to write, if any
+    ):
+        "Each seed's `metric` per mixer with their mean ± std, and each mixer's paired differences with `base` and their interval"
+        summary = self.summary
+        paired = any('diffs' in r for r in summary)
+        fig, axs = _figure((4.4 * (1 + paired), 3.4), 1 + paired)
+        _seed_panel(axs[0], self.runs, self.metric, _label(self.metric))
+        if paired: _diff_panel(axs[1], summary, self.metric, self.higher, self.base, self.level)
+        fig.suptitle(f"{len(self.seeds)} seeds; grey: each seed; left: mean ± std, right: paired difference with {self.level:.0%} interval", fontsize=9)
+        fig.tight_layout()
+        if fname is not None: fig.savefig(fname, dpi=80)
+        return fig
+
+    def plot_calibration(self, fname:Path|None=None):
+        "Per mixer, the reliability diagram of the final models pooled over the seeds (None without ECE)"
+        return plot_calibration(self.runs, fname) if self.ece and self.runs else None
+
+    def plot_curves(self, fname:Path|None=None):
+        "Per mixer, the validation loss, `metric` and ECE per epoch, averaged over the seeds"
+        return plot_curves(self.runs, fname, self.metric)
+
+    def show(self):
+        "Show the table, how to read it, and the pictures: in a notebook as markdown and figures, else printed"
+        figs = [f for f in (self.plot(), self.plot_calibration()) if f is not None] if self.runs else []
+        try:
+            from IPython import get_ipython
+            from IPython.display import Markdown, display
+            if get_ipython() is None: raise ImportError
+        except ImportError: print(f"{self.table()}\n\n{self.notes()}"); return figs
+        display(Markdown(self._repr_markdown_()))
+        for f in figs: display(f)
+
+    def learner(self,
+        mixer:str, # A mixer's name
+        seed:int, # A seed
+    ) -> Learner:
+        "The learner of the run (`mixer`, `seed`) as it starts training, with its mixer and metrics (built seeded, the random state put back)"
+        if self._learner is None: raise ValueError("this Comparison holds no learner function (it was made from runs alone)")
+        if mixer not in self._specs: raise ValueError(f"mixer must be one of {list(self._specs)}, got {mixer!r}")
+        return seeded_learner(self._learner, self._specs[mixer], seed, self.ece, mixer)
+
 # %% ../nbs/12_compare.ipynb #9fa43124
 @contextlib.contextmanager
 def torch_threads(n:int|None):
@@ -620,119 +736,3 @@ def compare_mixers(
                     resumed=len(todo) < len(seeds) * len(specs), results=None if path is None else str(path), wall_seconds=round(time.perf_counter() - start, 1))
     runs = [done[m, s] for s in seeds for m in specs if (m, s) in done]
     return Comparison(runs, failed, task['metric'], task['higher'], base, task['ece'], tuple(task['metrics']), level, settings, learner, specs)
-
-# %% ../nbs/12_compare.ipynb #47c44f2e
-class Comparison:
-    "The paired comparison of mixers over seeds that `compare_mixers` returns: every run, the summary against `base`, the runs that failed"
-    def __init__(self,
-        runs:list[dict], # The finished runs, one dict per mixer and seed, as `train_run` returns them
-        failed:list[dict]=(), # The runs that raised: mixer, seed, error, traceback
-        metric:str='accuracy', # The number the mixers are judged by
-        higher:bool=True, # Whether a higher `metric` is better
-        base:str='none', # The mixer the others are compared with, seed by seed
-        ece:bool=False, # Whether the runs measured the expected calibration error
-        metrics:tuple=(), # The learner's other metrics, shown beside `metric`
-        level:float=0.95, # Confidence level of the paired intervals
-        settings:dict|None=None, # How the runs were made (seeds, fit, jobs, device, wall time...)
-        learner=None, specs:dict|None=None, # The learner function and the mixers by name, for `learner()`
-    ):
-        store_attr('runs,metric,higher,base,ece,metrics,level')
-        self.failed, self.settings, self._learner, self._specs = list(failed), dict(settings or {}), learner, dict(specs or {})
-        self.mixers = list(self._specs) or list(dict.fromkeys([*(r['mixer'] for r in runs), *(r['mixer'] for r in self.failed)]))
-        self.seeds = self.settings.get('seeds') or sorted({r['seed'] for r in [*runs, *self.failed]})
-
-    @property
-    def extra(self) -> list[str]:
-        "The numbers shown beside `metric`: the learner's other metrics, then those `measure` added"
-        skip = {'mixer', 'seed', 'history', 'calibration', 'sec_per_epoch', 'train_loss', 'valid_loss', 'ece', self.metric}
-        more = [k for r in self.runs[:1] for k, v in r.items() if k not in skip and k not in self.metrics and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return [k for k in self.metrics if k not in skip] + more
-
-    @property
-    def summary(self) -> list[dict]:
-        "Per mixer, as `paired_summary` gives it, each paired with `base` on the seeds both trained on; `failed` lists a mixer's failed seeds"
-        stats, out = (*self.extra, *(('ece',) if self.ece else ())), []
-        ok = {m: {r['seed'] for r in self.runs if r['mixer'] == m} for m in self.mixers}
-        kw = dict(base=self.base, level=self.level, metric=self.metric, higher=self.higher, stats=stats)
-        for m in self.mixers:
-            bad = sorted(r['seed'] for r in self.failed if r['mixer'] == m)
-            if not ok[m]:
-                out.append({'mixer': m, 'seeds': [], self.metric: None, 'failed': bad, 'verdict': f"failed on {len(bad)} seed{'s' * (len(bad) > 1)}"})
-                continue
-            seeds = ok[m] if m == self.base or not ok.get(self.base) else ok[m] & ok[self.base] # paired on the seeds both trained on
-            if not seeds: seeds, kw_m = ok[m], dict(kw, base=None)
-            else: kw_m = kw
-            rs = [r for r in self.runs if r['seed'] in seeds and r['mixer'] in (m, self.base)]
-            row = next(r for r in paired_summary(rs, **kw_m) if r['mixer'] == m)
-            if bad:
-                row['failed'] = bad
-                row['verdict'] = f"{row.get('verdict', '')}; failed on seed{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}".lstrip('; ')
-            out.append(row)
-        return out
-
-    def table(self) -> str:
-        "The summary as a markdown table: `metric`, the paired difference with `base`, its interval, the other numbers, the verdict; and the ECE"
-        return paired_table(self.summary, self.base, self.metric, extra={k: _label(k) for k in self.extra}, ece=self.ece, level=self.level)
-
-    def notes(self) -> str:
-        "How to read `table`, in words, and what failed"
-        n, name = len(self.seeds), _label(self.metric).removesuffix(' %')
-        s = (f"Mean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, self.seeds))}). 'vs {self.base}' is the mean ± std of the per-seed "
-             f"differences in {name} (the mixer's minus {self.base}'s, runs of one seed sharing their data, validation set, initial weights and "
-             f"data order); a mixer is called better or worse only when the {self.level:.0%} paired t-interval of that difference excludes 0 "
-             f"({'higher' if self.higher else 'lower'} {name} is better), otherwise the difference is within the noise.")
-        if self.ece: s += " ECE: expected calibration error on the validation set, in points; lower is better, judged by the same rule."
-        for r in self.failed: s += f"\n\n{r['mixer']}, seed {r['seed']}, failed: {' '.join(r['error'].split())[:300]}"
-        return s
-
-    def _repr_markdown_(self): return f"{self.table()}\n\n{self.notes()}"
-    def __repr__(self):
-        return (f"Comparison of {', '.join(self.mixers)} on seeds {self.seeds}, judged by {self.metric} ({'higher' if self.higher else 'lower'} is better) "
-                f"against {self.base}: {len(self.runs)} runs{f', {len(self.failed)} failed' if self.failed else ''}\n\n{self.table()}")
-
-    def frame(self):
-        "The per-seed numbers as a pandas DataFrame: one row per finished run"
-        import pandas as pd
-        return pd.DataFrame([{k: v for k, v in r.items() if k not in ('history', 'calibration')} for r in self.runs])
-
-    def plot(self,
-        fname:Path|None=None, # PNG file to write, if any
-    ):
-        "Each seed's `metric` per mixer with their mean ± std, and each mixer's paired differences with `base` and their interval"
-        summary = self.summary
-        paired = any('diffs' in r for r in summary)
-        fig, axs = _figure((4.4 * (1 + paired), 3.4), 1 + paired)
-        _seed_panel(axs[0], self.runs, self.metric, _label(self.metric))
-        if paired: _diff_panel(axs[1], summary, self.metric, self.higher, self.base, self.level)
-        fig.suptitle(f"{len(self.seeds)} seeds; grey: each seed; left: mean ± std, right: paired difference with {self.level:.0%} interval", fontsize=9)
-        fig.tight_layout()
-        if fname is not None: fig.savefig(fname, dpi=80)
-        return fig
-
-    def plot_calibration(self, fname:Path|None=None):
-        "Per mixer, the reliability diagram of the final models pooled over the seeds (None without ECE)"
-        return plot_calibration(self.runs, fname) if self.ece and self.runs else None
-
-    def plot_curves(self, fname:Path|None=None):
-        "Per mixer, the validation loss, `metric` and ECE per epoch, averaged over the seeds"
-        return plot_curves(self.runs, fname, self.metric)
-
-    def show(self):
-        "Show the table, how to read it, and the pictures: in a notebook as markdown and figures, else printed"
-        figs = [f for f in (self.plot(), self.plot_calibration()) if f is not None] if self.runs else []
-        try:
-            from IPython import get_ipython
-            from IPython.display import Markdown, display
-            if get_ipython() is None: raise ImportError
-        except ImportError: print(f"{self.table()}\n\n{self.notes()}"); return figs
-        display(Markdown(self._repr_markdown_()))
-        for f in figs: display(f)
-
-    def learner(self,
-        mixer:str, # A mixer's name
-        seed:int, # A seed
-    ) -> Learner:
-        "The learner of the run (`mixer`, `seed`) as it starts training, with its mixer and metrics (built seeded, the random state put back)"
-        if self._learner is None: raise ValueError("this Comparison holds no learner function (it was made from runs alone)")
-        if mixer not in self._specs: raise ValueError(f"mixer must be one of {list(self._specs)}, got {mixer!r}")
-        return seeded_learner(self._learner, self._specs[mixer], seed, self.ece, mixer)
