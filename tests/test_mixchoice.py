@@ -86,3 +86,80 @@ def test_mixchoice_weights_in_tenths_sweep():
                     (xm, _), perm, lam = m.mix((x,), (y,))
                     eq_(xm[0].shape, x.shape)
     assert failed_before > 20 # the sweep does reach the rounding case
+
+# ---- MixChoice refuses, when it is made, an option one of its mixers cannot mix with, and at the first batch a model one cannot read ----
+import torch.nn as nn
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat
+from fastai_mix.test_utils import synth_dls
+from fastai_mix.fmix import FMix
+from fastai_mix.manifold import ManifoldMixup, OutputMixup
+from fastai_mix.snapmix import SnapMix
+from fastai_mix.transmix import TransMix
+
+def test_choice_refuses_what_its_mixers_cannot_mix_with():
+    "The issue's two choices are refused when made, naming the mixer, the option and what it takes, not when that mixer is first picked"
+    with pytest.raises(ValueError) as e: MixChoice([MixUp(), SnapMix()], decoupled=.1)
+    msg = str(e.value)
+    assert 'MixChoice(decoupled=0.1)' in msg and 'SnapMix cannot mix with it' in msg and 'SnapMix takes decoupled=0 only' in msg, msg
+    with pytest.raises(ValueError) as e: MixChoice([CutMix(), TransMix()], remix=(3, .5))
+    msg = str(e.value)
+    assert 'MixChoice(remix=(3.0, 0.5))' in msg and 'TransMix cannot mix with it' in msg and 'TransMix takes remix=None only' in msg, msg
+    for opts, takes in [(dict(label_mode='union'), "label_mode='blend'"), (dict(partner='kernel'), "partner='random', 'balanced', 'same_class' or 'other_class'")]:
+        with pytest.raises(ValueError, match='SnapMix cannot mix with it') as e: MixChoice([MixUp(), SnapMix()], **opts)
+        assert takes in str(e.value), str(e.value)
+    MixChoice([MixUp(), SnapMix(), TransMix()], partner='balanced') # what they all take is given
+
+MIXER_CLASSES = [MixUp, CutMix, ResizeMix, FMix, ManifoldMixup, OutputMixup, SnapMix, TransMix]
+OPTIONS = [dict(decoupled=.1), dict(label_mode='union'), dict(partner='kernel'), dict(partner='kernel', sigma=.5), dict(partner='balanced'),
+           dict(partner='balanced', class_counts=[4, 4, 4, 4]), dict(partner='same_class'), dict(partner='other_class'), dict(remix=(3, .5))]
+
+def refusal(f) -> str|None:
+    try: f()
+    except ValueError as e: return str(e)
+    return None
+
+@pytest.mark.parametrize('cls', MIXER_CLASSES)
+def test_choice_refuses_exactly_what_each_mixer_refuses(cls):
+    "Every option a MixChoice passes to its mixers is refused by the choice when made exactly where the mixer given it alone refuses it, naming the mixer"
+    for opts in OPTIONS:
+        alone, chosen = refusal(lambda: cls(**opts)), refusal(lambda: MixChoice([MixUp(), cls()], **opts))
+        eq_((opts, alone is None), (opts, chosen is None))
+        if chosen: assert f'{cls.__name__} cannot mix with it' in chosen and 'MixChoice(' in chosen, chosen
+
+def test_refused_choice_leaves_its_mixers_as_they_were():
+    "A choice refused when made gives none of its options to the mixers it was given: one of them then mixes alone as it was made"
+    cut = CutMix()
+    with pytest.raises(ValueError, match='give partner to the choice or to its mixers, not both'):
+        MixChoice([MixUp(partner='same_class'), cut], partner='balanced', label_mode='union')
+    spy = MixSpy()
+    learn = synth_learner(loss_func=BCEWithLogitsLossFlat(), multi_label=True, cbs=[cut, spy], shape=(3, 16, 16), n=32, bs=16)
+    learn.fit(1, lr=0)
+    assert spy.records
+    for r in spy.records: # blended by the shares (label_mode='blend', its own), not the union the refused choice asked for
+        y, lam = r['y'][0], torch.as_tensor(r['lam']).reshape(-1, 1)
+        close_(r['ym'][0], lam * y + (1 - lam) * y[r['perm']])
+    eq_((cut.partner, cut._choice), ('random', None))
+    snap = SnapMix()
+    with pytest.raises(ValueError, match='SnapMix cannot mix with it'): MixChoice([MixUp(), snap], partner='kernel')
+    eq_((snap.partner, snap._choice), ('random', None))
+
+def test_choice_refuses_a_model_its_mixers_cannot_read_at_the_first_batch():
+    "MixChoice holding TransMix on a CNN, or SnapMix on a model without feature maps it reads: refused at the fit's first batch, whichever "
+    "mixer is picked, before anything is mixed (not when that mixer is first picked, epochs later); the learner left as it was"
+    from fastai_mix import TransMix, SnapMix
+    from fastai.callback.core import Callback
+    class Spy(Callback):
+        order = MixUp.order + 1
+        def __init__(self): self.n = 0
+        def before_batch(self): self.n += 1 if self.training else 0
+    for mixer, what in [(TransMix(), 'TransMix found no attention module'), (SnapMix(), 'SnapMix found no last feature map')]:
+        dls = synth_dls(n=16, bs=8, shape=(3, 8, 8), c=3)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)) # no attention, no pooled feature map
+        spy = Spy()
+        choice = MixChoice([MixUp(), mixer], weights=[1e6, 1]) # MixUp picked (almost) every batch: the other would fail much later
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=[choice, spy])
+        lf = learn.loss_func
+        with learn.no_bar(), learn.no_logging():
+            with pytest.raises(ValueError, match=f"MixChoice holds {type(mixer).__name__}, which cannot mix with this model: {what}"): learn.fit(2)
+        eq_(spy.n, 0); assert learn.loss_func is lf # refused in the first batch's before_batch
