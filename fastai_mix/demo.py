@@ -328,12 +328,14 @@ def cls_attention_entropy(
     if not attn: raise ValueError(f"cls_attention_entropy reads the attention of a vision transformer, but {type(model).__name__} has no attention module TransMix reads")
     prefix, pool = token_layout(model)
     if pool != 'token' or prefix < 1: raise ValueError(f"cls_attention_entropy reads the class token's attention, but {type(model).__name__} classifies from the mean of its patch tokens")
-    seen, training = [], model.training
-    h = attn[-1].register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    seen, modes = [], [(m, m.training) for m in model.modules()]
+    h = attn[-1].register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True) # the arguments of its call
     try:
         model.eval()
         with torch.no_grad(): model(x)
-    finally: h.remove(); model.train(training)
+    finally:
+        h.remove()
+        for m, t in modes: m.training = t
     a = attention_matrix(attn[-1], *seen[-1])[:, :, 0, prefix:].float() # (n, heads, patches): the class token's row
     a = a / a.sum(-1, keepdim=True)
     return float(-(a * a.clamp_min(1e-12).log()).sum(-1).mean() / math.log(a.shape[-1]))
