@@ -20,6 +20,7 @@ from fastai.vision.augment import Resize, aug_transforms
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.learner import Metric
 import fastai.callback.schedule # Learner.fit_one_cycle
 import fastai.callback.progress # fastai's progress bars, Learner.no_bar
 from .core import check_decoupled
@@ -27,7 +28,7 @@ from .callback import MixUp, CutMix, ResizeMix
 from .fmix import FMix
 from .manifold import ManifoldMixup, tabular_comparison
 from .snapmix import SnapMix
-from .transmix import TransMix
+from .transmix import TransMix, is_attention, attention_matrix, token_layout
 import fastai_mix.show # MixHandler.show_batch
 from .data import ArrayImages, array_dls, find_fashion_mnist, read_idx, DataNotFoundError, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from .callback import MixHandler
@@ -36,10 +37,11 @@ from .compare import (compare_mixers, seeded_learner, train_run, t_quantile, mea
                                 plot_seeds, plot_curves, plot_calibration, torch_threads, usable_cpus)
 
 # %% auto #0
-__all__ = ['FASHION_MNIST', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEMO', 'load_digits_arrays', 'split_idxs',
-           'check_noise', 'noisy_labels', 'DemoError', 'own_dir', 'fresh_dir', 'true_label', 'write_digits',
-           'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages', 'image_datasets', 'image_dls',
-           'fashion_datasets', 'small_cnn', 'small_vit', 'make_model', 'make_mixer', 'save_batch', 'memorisation',
+__all__ = ['FASHION_MNIST', 'FASHION_MNIST_SUBSETS', 'VIT7', 'ARCHS', 'MIXERS', 'DEFAULT_MIX', 'FASHION_MNIST_DEMO',
+           'load_digits_arrays', 'split_idxs', 'check_noise', 'noisy_labels', 'DemoError', 'own_dir', 'fresh_dir',
+           'true_label', 'write_digits', 'has_split', 'folder_label', 'image_classes', 'stage_folder', 'CachedImages',
+           'image_datasets', 'image_dls', 'check_classes', 'fashion_datasets', 'small_cnn', 'small_vit', 'make_model',
+           'cls_attention_entropy', 'AttentionEntropy', 'make_mixer', 'save_batch', 'memorisation',
            'array_memorisation', 'train_mixer', 'results_table', 'table_notes', 'decoupled_summary', 'plot_accuracy',
            'save_results', 'check_data', 'run_demo', 'demo_defaults', 'demo_parser', 'tabular_report', 'main']
 
@@ -230,23 +232,44 @@ FASHION_MNIST = 'fashion-mnist' # the `data` (--data) that picks Fashion-MNIST
 @functools.lru_cache(maxsize=1)
 def _fashion_arrays(files:tuple) -> tuple: return tuple(read_idx(f) for f in files) # read once per process
 
+FASHION_MNIST_SUBSETS = dict(upper=(0, 2, 4, 6)) # named subsets of --classes: the upper-body garments (T-shirt/top, pullover, coat, shirt), told apart by collars, sleeves and buttons
+
+def check_classes(
+    classes, # None (all ten), or Fashion-MNIST class indices (0 to 9), at least two and distinct
+) -> tuple|None:
+    "`classes` as a tuple of distinct class indices in 0..9 (at least two), or None; else `ValueError`"
+    if classes is None: return None
+    c = tuple(classes) if isinstance(classes, (tuple, list)) else None
+    n = len(FASHION_MNIST_CLASSES)
+    if c is None or len(c) < 2 or len(set(c)) != len(c) or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < n for o in c):
+        raise ValueError(f"classes must be None or at least two distinct Fashion-MNIST class indices in 0..{n - 1}, got {classes!r}")
+    return c
+
 def fashion_datasets(
     files:dict, # Fashion-MNIST's four IDX files, as `find_fashion_mnist` finds them
     seed:int=42, # Seed of the training subset and of the noise
     n_train:int|None=None, # Keep only this many training images, a seeded random subset (all 60,000 when None)
     noise:float=0., # Share of the training labels to change (see `noisy_labels`)
     size:int=28, # Side of the images fed to the model: 28 keeps them as they are, another resizes them (bilinear)
+    classes:tuple|None=None, # Keep only these classes (indices into `FASHION_MNIST_CLASSES`, in this order), training and test; None: all ten
 ) -> tuple: # (training `ArrayImages`, with their labels before the noise as `original`; the test images as `ArrayImages`)
-    "Fashion-MNIST's training subset (with label noise) and its whole test set, held in memory for `array_dls`"
+    "Fashion-MNIST's training subset (with label noise) and its whole test set (of `classes`), held in memory for `array_dls`"
+    classes = check_classes(classes)
     xt, yt, xv, yv = _fashion_arrays(tuple(str(files[k]) for k in FASHION_MNIST_FILES))
-    idx = np.random.default_rng(seed).permutation(len(yt))[:n_train]
+    vocab = FASHION_MNIST_CLASSES if classes is None else tuple(FASHION_MNIST_CLASSES[c] for c in classes)
+    new = np.full(len(FASHION_MNIST_CLASSES), -1) # each class's index in `vocab`, -1 for those left out
+    new[list(range(len(vocab)) if classes is None else classes)] = np.arange(len(vocab))
+    pool = np.flatnonzero(new[yt] >= 0) # all 60,000 when classes is None: the same subset as without the option
+    idx = pool[np.random.default_rng(seed).permutation(len(pool))[:n_train]]
+    keep = np.flatnonzero(new[yv] >= 0)
     def images(x):
         x = torch.as_tensor(x)[:, None]
         if size == x.shape[-1]: return x
         return F.interpolate(x.float(), size=(size, size), mode='bilinear', antialias=True).round().clamp(0, 255).byte()
-    train = ArrayImages(images(xt[idx]), noisy_labels(yt[idx], noise, len(FASHION_MNIST_CLASSES), seed), FASHION_MNIST_CLASSES)
-    train.original = yt[idx].astype(np.int64)
-    return train, ArrayImages(images(xv), yv, FASHION_MNIST_CLASSES)
+    y = new[yt[idx]].astype(np.int64)
+    train = ArrayImages(images(xt[idx]), noisy_labels(y, noise, len(vocab), seed), vocab)
+    train.original = y
+    return train, ArrayImages(images(xv[keep]), new[yv[keep]].astype(np.int64), vocab)
 
 # %% ../nbs/02_demo.ipynb #5798875e
 def small_cnn(
@@ -262,23 +285,27 @@ def small_cnn(
 def small_vit(
     n_out:int, # Number of classes
     n_in:int=3, # Input channels
-    size:int=16, # Side of the images: cut into patches of 4x4 pixels (16 patches at 16 px, 49 at 28 px)
+    size:int=16, # Side of the images: cut into patches of `patch_size` pixels (4 px: 16 patches at 16 px, 49 at 28 px)
     embed_dim:int=64, # Width of the tokens
     depth:int=4, # Number of transformer blocks
     num_heads:int=4, # Attention heads per block
+    patch_size:int=4, # Side of the patches, in pixels
+    mlp_ratio:float=4., # Width of the blocks' MLP, as a multiple of `embed_dim`
 ) -> nn.Module:
-    "A small vision transformer from timm (a class token, patches of 4x4 pixels), freshly initialised, for TransMix"
+    "A small vision transformer from timm (a class token, square patches), freshly initialised, for TransMix"
     try: from timm.models.vision_transformer import VisionTransformer
     except ImportError as e: raise ImportError("--arch vit builds a timm vision transformer: pip install timm") from e
-    return VisionTransformer(img_size=size, patch_size=4, in_chans=n_in, num_classes=n_out, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return VisionTransformer(img_size=size, patch_size=patch_size, in_chans=n_in, num_classes=n_out, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, mlp_ratio=mlp_ratio)
 
-ARCHS = ('small', 'resnet18', 'vit')
+VIT7 = dict(patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.) # --arch vit7: Fashion-MNIST's 28 px in 16 patches of 7x7 pixels
+ARCHS = ('small', 'resnet18', 'vit', 'vit7')
 
 def make_model(
-    arch:str, # 'small' (`small_cnn`), 'resnet18' (torchvision's, not pretrained) or 'vit' (a small timm ViT: `small_vit`)
+    arch:str, # 'small' (`small_cnn`), 'resnet18' (torchvision's, not pretrained), 'vit' (a small timm ViT: `small_vit`) or 'vit7' (`small_vit` with `VIT7`)
     n_out:int, # Number of classes
     n_in:int=3, # Input channels: 3 for the RGB images of a folder, 1 for Fashion-MNIST's grey ones
-    size:int=16, # Side of the images, for 'vit' (its patch grid and position embeddings)
+    size:int=16, # Side of the images, for 'vit' and 'vit7' (their patch grid and position embeddings)
 ) -> nn.Module:
     "A freshly initialised model of architecture `arch`"
     if arch == 'small': return small_cnn(n_out, n_in)
@@ -288,14 +315,50 @@ def make_model(
         if n_in != 3: m.conv1 = nn.Conv2d(n_in, 64, 7, 2, 3, bias=False) # ResNet's first layer, for other channels
         return m
     if arch == 'vit': return small_vit(n_out, n_in, size)
+    if arch == 'vit7': return small_vit(n_out, n_in, size, **VIT7)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
+# %% ../nbs/02_demo.ipynb #e7a1c002
+def cls_attention_entropy(
+    model:nn.Module, # A vision transformer with a class token that TransMix reads (timm's `VisionTransformer`)
+    x:torch.Tensor, # A batch of images, as the model takes them
+) -> float: # 1 when the class token attends to all patches alike, towards 0 as it attends to fewer
+    "How spread the class token's attention over the patches is, in the model's last attention module: its entropy, mean over heads and images, over log(patches), the uniform attention's"
+    attn = [m for m in model.modules() if is_attention(m)]
+    if not attn: raise ValueError(f"cls_attention_entropy reads the attention of a vision transformer, but {type(model).__name__} has no attention module TransMix reads")
+    prefix, pool = token_layout(model)
+    if pool != 'token' or prefix < 1: raise ValueError(f"cls_attention_entropy reads the class token's attention, but {type(model).__name__} classifies from the mean of its patch tokens")
+    seen, modes = [], [(m, m.training) for m in model.modules()]
+    h = attn[-1].register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True) # the arguments of its call
+    try:
+        model.eval()
+        with torch.no_grad(): model(x)
+    finally:
+        h.remove()
+        for m, t in modes: m.training = t
+    a = attention_matrix(attn[-1], *seen[-1])[:, :, 0, prefix:].float() # (n, heads, patches): the class token's row
+    a = a / a.sum(-1, keepdim=True)
+    return float(-(a * a.clamp_min(1e-12).log()).sum(-1).mean() / math.log(a.shape[-1]))
+
+class AttentionEntropy(Metric):
+    "A metric: `cls_attention_entropy` on the first `n` images of the validation set (the same images every epoch), as `attn_entropy`"
+    def __init__(self, n:int=256): self.n = n
+    def reset(self): self.val = None
+    def accumulate(self, learn):
+        if self.val is None: self.val = cls_attention_entropy(learn.model, learn.xb[0][:self.n]) # the first validation batch: it is not shuffled
+    @property
+    def value(self): return self.val
+    @property
+    def name(self): return 'attn_entropy'
+
+
 # %% ../nbs/02_demo.ipynb #d292cec5
-MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup, snapmix=SnapMix, transmix=TransMix)
-DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold, snapmix and transmix (with --arch vit) on demand (--mix)
+MIXERS = dict(none=None, mixup=MixUp, cutmix=CutMix, resizemix=ResizeMix, fmix=FMix, manifold=ManifoldMixup, snapmix=SnapMix, transmix=TransMix,
+              **{'transmix-attn': functools.partial(TransMix, area_weight=0.)}) # TransMix's labels by the attention alone (the paper's mean of attention and area: 'transmix')
+DEFAULT_MIX = ('none', 'mixup', 'cutmix', 'resizemix') # the default run; fmix, manifold, snapmix and transmix (with --arch vit or vit7) on demand (--mix)
 
 def make_mixer(
-    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold', 'snapmix' or 'transmix'; with '+dm' after a mixer's name, that mixer with the decoupled loss
+    name:str, # 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold', 'snapmix', 'transmix' or 'transmix-attn' (TransMix with area_weight=0); with '+dm' after a mixer's name, that mixer with the decoupled loss
     model:nn.Module|None=None, # The model, for 'manifold': the small CNN's conv layers are its places (resnet18's blocks are found by default)
     decoupled:float=0., # Weight eta of the decoupled mixup loss, for a name ending in '+dm' (which needs eta > 0)
 ):
@@ -359,7 +422,7 @@ def _dsets_learner(
     set_seed(seed, reproducible=True) # again: reading a folder's images can draw (fastai's `RandomSplitter` seeds torch)
     dls = array_dls(*dsets, bs=bs) if arrays else image_dls(dsets, bs)
     model = make_model(arch, dls.c, n_in=dsets[0].x.shape[1] if arrays else 3, size=size)
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=[accuracy, *([AttentionEntropy()] if arch.startswith('vit') else [])])
 
 def _demo_mixer(name:str, decoupled:float, learn:Learner):
     "`make_mixer` for the learner's model (ManifoldMixup's places)"
@@ -485,10 +548,10 @@ def check_data(
 
 @functools.lru_cache(maxsize=1)
 def _seed_datasets(source:str|tuple, size:int, seed:int) -> Datasets|tuple: # once per seed and process
-    "The images of a seed: of the folder `source`, or of Fashion-MNIST for `source=('fashion-mnist', files, n_train, noise)`"
+    "The images of a seed: of the folder `source`, or of Fashion-MNIST for `source=('fashion-mnist', files, n_train, noise, classes)`"
     if isinstance(source, str): return image_datasets(Path(source), size, seed=seed)
-    _, files, n_train, noise = source
-    return fashion_datasets(dict(zip(FASHION_MNIST_FILES, files)), seed=seed, n_train=n_train, noise=noise, size=size)
+    _, files, n_train, noise, classes = source
+    return fashion_datasets(dict(zip(FASHION_MNIST_FILES, files)), seed=seed, n_train=n_train, noise=noise, size=size, classes=classes)
 
 def _seed_learner(sources:dict, size:int, arch:str, bs:int, seed:int) -> Learner:
     "The demo's learner of a seed, on the images of `sources[seed]` (read once per seed and process)"
@@ -530,11 +593,11 @@ def _check_runs(
 FASHION_MNIST_DEMO = dict(mix=('none', 'mixup', 'cutmix', 'resizemix', 'fmix'), epochs=30, bs=64, size=28, lr=0.01, noise=0., n_train=4000, seeds=3)
 
 def run_demo(
-    mix:tuple=DEFAULT_MIX, # Mixers to compare, among 'none', 'mixup', 'cutmix', 'resizemix', 'fmix', 'manifold' and 'transmix' (with arch 'vit')
+    mix:tuple=DEFAULT_MIX, # Mixers to compare, names of `MIXERS` ('transmix' and 'transmix-attn' with arch 'vit' or 'vit7')
     epochs:int=50, # Epochs per run
     bs:int=32, # Batch size
     size:int=16, # Side of the images fed to the model
-    arch:str='small', # 'small', 'resnet18' or 'vit' (a small timm ViT, for 'transmix')
+    arch:str='small', # 'small', 'resnet18', 'vit' or 'vit7' (small timm ViTs, for 'transmix'; see `make_model`)
     lr:float=0.01, # Maximum learning rate of `fit_one_cycle`
     noise:float=0.4, # Share of the training labels changed to another class
     data:Path|str|None=None, # Image folder to use instead of the digits, or 'fashion-mnist' (give it `FASHION_MNIST_DEMO`'s settings)
@@ -547,6 +610,7 @@ def run_demo(
     threads:int|None=1, # CPU threads of torch in each run (put back after); None keeps torch's setting
     progress:bool=True, # In a notebook, show a progress bar over the runs (a line is printed as each run ends, in any case)
     decoupled:float=0., # > 0: also train each mixer of `mix` (not 'none') with the decoupled mixup loss at this eta, as '<mixer>+dm', on the same seeds
+    classes:tuple|None=None, # With data='fashion-mnist': only these classes (indices into `FASHION_MNIST_CLASSES`; `FASHION_MNIST_SUBSETS['upper']`: the upper-body garments); None: all ten
 ) -> dict: # settings, summary (as `paired_summary` returns) and runs (as `train_mixer` returns): `results.json`
     "Train the same model once per mixer and seed on the digits (or `data`), print the paired comparison and save it to `out`"
     for m in mix: make_mixer(m) # check the names before any work
@@ -562,6 +626,9 @@ def run_demo(
         if v is not None and v < 1: raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
     out, start, seed_list = Path(out), time.perf_counter(), list(range(seed, seed + seeds))
     fashion = isinstance(data, str) and data == FASHION_MNIST
+    classes = check_classes(classes)
+    if classes is not None and not fashion:
+        raise DemoError(f"--classes {','.join(map(str, classes))} picks Fashion-MNIST's classes, for --data {FASHION_MNIST} only: leave it out, or add --data {FASHION_MNIST}")
     if root is not None and not fashion:
         raise DemoError(f"--root {root} is the folder of Fashion-MNIST's files, for --data {FASHION_MNIST} only: leave it out, or add --data {FASHION_MNIST}")
     if n_train is not None and n_train < bs:
@@ -569,7 +636,7 @@ def run_demo(
     if fashion:
         try: files = find_fashion_mnist(root)
         except DataNotFoundError as e: raise DemoError(str(e)) from None
-    n_out = len(FASHION_MNIST_CLASSES) if fashion else 10 if data is None else len(check_data(data, out))
+    n_out = len(classes or FASHION_MNIST_CLASSES) if fashion else 10 if data is None else len(check_data(data, out))
     _check_runs(names, arch, size, bs, lr, 1 if fashion else 3, n_out, decoupled, threads) # every run's model and mixer, on one batch, before any work
     own_dir(out) # before anything is written
     staged = not fashion and (data is None or noise > 0 or n_train is not None) # else the images are read in place
@@ -579,7 +646,7 @@ def run_demo(
     (out/'calibration.png').unlink(missing_ok=True)
     paths = {} # every seed's images, written before any run needs them (Fashion-MNIST's: where to read them)
     for s in seed_list:
-        if fashion: paths[s] = (FASHION_MNIST, tuple(str(files[k]) for k in FASHION_MNIST_FILES), n_train, noise)
+        if fashion: paths[s] = (FASHION_MNIST, tuple(str(files[k]) for k in FASHION_MNIST_FILES), n_train, noise, classes)
         elif data is None: paths[s] = write_digits(images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         elif staged: paths[s] = stage_folder(data, images/f'seed{s}', seed=s, n_train=n_train, noise=noise)
         else: paths[s] = images
@@ -606,7 +673,8 @@ def run_demo(
     settings = dict(mix=list(names), decoupled=decoupled, seeds=seed_list, epochs=epochs, bs=bs, size=size, arch=arch, lr=lr, noise=noise, n_train=n_train,
                     n_train_images=n_images[0], n_valid_images=n_images[1], n_changed=runs[0]['n_changed'],
                     data=str(data) if data is not None else 'sklearn digits', images=str(images), device=res.settings['device'],
-                    torch=torch.__version__, threads=threads, jobs=res.settings['jobs'], wall_seconds=None)
+                    torch=torch.__version__, threads=threads, jobs=res.settings['jobs'], wall_seconds=None,
+                    **({} if classes is None else dict(classes=[FASHION_MNIST_CLASSES[c] for c in classes])))
     settings['wall_seconds'] = round(time.perf_counter() - start, 1) # what the table took, before writing it
     paths = [*save_results(runs, settings, out).values(), *batches.values()]
     dm = decoupled_summary(runs)
@@ -651,6 +719,11 @@ def _share(s:str) -> float:
 
 def _data(s:str) -> Path|str: return FASHION_MNIST if s == FASHION_MNIST else Path(s)
 
+def _classes(s:str) -> tuple:
+    if s in FASHION_MNIST_SUBSETS: return FASHION_MNIST_SUBSETS[s]
+    try: return check_classes(tuple(int(o) if o.strip().isdigit() else o for o in s.split(',')))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected {' or '.join(FASHION_MNIST_SUBSETS)}, or at least two distinct class indices 0-9 separated by commas, got {s!r}") from None
+
 def demo_defaults(
     data:Path|str|None, # The value of --data
 ) -> dict:
@@ -674,7 +747,8 @@ def demo_parser() -> argparse.ArgumentParser:
         k = name[2:].replace('-', '_')
         arg(name, help, default=argparse.SUPPRESS, shown=f"{show(D[k])}; {show(F[k])} with --data {FASHION_MNIST}", **kw)
     all_ = lambda n: 'all' if n is None else n
-    data_arg('--mix', f"comma-separated mixers among {','.join(MIXERS)}", type=_mixers, metavar='NAMES', show=','.join)
+    data_arg('--mix', f"comma-separated mixers among {','.join(MIXERS)} (transmix-attn: TransMix's labels by the attention alone, "
+                      "area_weight=0; transmix: the paper's mean of attention and area)", type=_mixers, metavar='NAMES', show=','.join)
     data_arg('--epochs', 'epochs of fit_one_cycle per run', type=_positive, metavar='N')
     data_arg('--noise', 'share of the training labels changed to another class; 0 keeps them', type=_share, metavar='F')
     data_arg('--n-train', "keep only this many training images, or 'all'", type=_n_train, metavar='N', show=all_)
@@ -685,7 +759,8 @@ def demo_parser() -> argparse.ArgumentParser:
     data_arg('--size', 'side of the images fed to the model, in pixels', type=_positive, metavar='PX')
     arg('--decoupled', 'also train each mixer with the decoupled mixup loss at this weight (as <mixer>+dm, on the same seeds) and '
                        'print its paired comparison with the plain mixer; 0: off', type=_eta, default=D['decoupled'], metavar='ETA')
-    arg('--arch', 'model: a small CNN, resnet18 from random weights, or a small timm vision transformer (patches of 4 px; for transmix)', choices=ARCHS, default=D['arch'])
+    arg('--arch', 'model: a small CNN, resnet18 from random weights, or a small timm vision transformer (for transmix): vit, patches of 4 px; '
+                  'vit7, patches of 7 px, 16 at 28 px, the one that learns Fashion-MNIST on a CPU', choices=ARCHS, default=D['arch'])
     data_arg('--lr', 'maximum learning rate of fit_one_cycle', type=_positive_float)
     arg('--data', 'image folder (one sub-folder per class, or train/ and valid/ of those) instead of the digits: an image is of '
                   'the class folder that holds it, however deep; images beside the class folders, in no class, are refused; '
@@ -697,6 +772,10 @@ def demo_parser() -> argparse.ArgumentParser:
                   "FashionMNIST/raw/; they are downloaded there through torchvision when missing",
         type=Path, default=D['root'], metavar='DIR', shown="Debian's /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist), "
                                                           "then ~/.fastai/data/FashionMNIST/raw, downloaded there when missing")
+    arg('--classes', f"with --data {FASHION_MNIST}: train and test on these classes only, comma-separated indices 0-9 "
+                     f"({', '.join(f'{i} {c}' for i, c in enumerate(FASHION_MNIST_CLASSES))}), or 'upper': 0,2,4,6, the upper-body "
+                     "garments, told apart by collars, sleeves and buttons (a fine-grained task, for snapmix)", type=_classes, default=D['classes'],
+        metavar='LIST', shown='all ten')
     arg('--out', 'folder for the written images and the results: a new or empty folder, or one the demo wrote before; '
                  'not inside --data', type=Path, default=Path(D['out']), metavar='PATH')
     arg('--jobs', 'processes training the runs at once; the numbers are the same whatever it is',

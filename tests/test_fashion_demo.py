@@ -139,3 +139,29 @@ def test_debian_fashion_mnist_demo(tmp_path, capsys):
     res = json.loads((out/'results.json').read_text())
     eq_((res['settings']['n_valid_images'], res['settings']['images']), (10000, str(D.DEBIAN_FASHION_MNIST)))
     for r in res['runs']: eq_(sum(r['calibration']['count']), 10000); assert r['accuracy'] > .3 # far above chance (10%) after one epoch
+
+def test_fashion_classes_subset(tmp_path, capsys):
+    "Issue 31: --classes upper trains and tests on the four upper-body garments only, named in the settings; with --arch vit7 and "
+    "transmix-attn (TransMix with area_weight=0) each epoch records the class token's attention entropy"
+    root, out = fashion_files(tmp_path/'fm', n=(80, 40)), tmp_path/'out'
+    main(['demo', '--data', 'fashion-mnist', '--root', str(root), *TINY, '--classes', 'upper', '--arch', 'vit7',
+          '--mix', 'none,transmix,transmix-attn', '--out', str(out)])
+    capsys.readouterr()
+    res = json.loads((out/'results.json').read_text())
+    s = res['settings']
+    eq_((s['classes'], s['n_train_images'], s['n_valid_images'], s['arch']), (['T-shirt/top', 'Pullover', 'Coat', 'Shirt'], 32, 16, 'vit7'))
+    eq_([r['mixer'] for r in res['runs']], ['none', 'transmix', 'transmix-attn'] * 2)
+    for r in res['runs']: assert all(0 < h['attn_entropy'] <= 1 for h in r['history']), r['history']
+    tr, va = demo.fashion_datasets(D.find_fashion_mnist(root, download=False), seed=0, classes=(6, 0))
+    eq_((tr.vocab, sorted(set(va.y.tolist())), len(va)), (('Shirt', 'T-shirt/top'), [0, 1], 8)) # in the order given
+    eq_(demo.make_mixer('transmix-attn').area_weight, 0.)
+
+def test_fashion_classes_usage_errors(tmp_path, capsys):
+    "--classes: bad lists and --classes without --data fashion-mnist are usage errors, before anything is written"
+    root = fashion_files(tmp_path/'fm')
+    for bad in ('3', '1,1', '0,10', 'shirts'):
+        err = usage_error(['demo', '--data', 'fashion-mnist', '--root', str(root), *TINY, '--classes', bad, '--out', str(tmp_path/'o')], capsys)
+        assert f"argument --classes: expected upper, or at least two distinct class indices 0-9 separated by commas, got '{bad}'" in err, err
+    err = usage_error(['demo', *TINY, '--classes', 'upper', '--out', str(tmp_path/'o')], capsys)
+    assert '--classes 0,2,4,6 picks Fashion-MNIST\'s classes, for --data fashion-mnist only' in err, err
+    assert not (tmp_path/'o').exists()
