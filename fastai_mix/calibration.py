@@ -120,7 +120,7 @@ class ECE(Metric):
     @property
     def value(self):
         if not self.probs: return None
-        if self._finite(): return bins_ece(self.bins)
+        if (b := self.bins) is not None: return bins_ece(b) # None: some predictions are NaN
         warnings.warn("ECE: the model's outputs on the validation set hold NaN or inf (a diverged run?): their softmax has no confidence to bin, "
                       "so the ECE is NaN", RuntimeWarning)
         return math.nan # as the loss of such a run: the fit goes on

@@ -467,12 +467,8 @@ def _class_table(class_counts, y:Tensor, what:str, caller:str) -> Tensor:
     key, version = (tuple(class_counts) if t is None else id(t), y.device), None if t is None or t.is_inference() else t._version
     hit = _count_tables.get(key)
     if hit is None or hit[0] is not t or hit[1] != version: # new counts, or a counts tensor changed in place since (the cache holds it: its id is not reused)
-        if t is None:
-            low = min(o for o in key[0] if o > 0)
-            c = torch.tensor([o if o > 0 else low for o in key[0]], dtype=torch.float32, device=y.device) # the one copy to the device
-        else:
-            c = t.to(y.device, torch.float32)
-            c = torch.where(c > 0, c, c.masked_fill(c <= 0, math.inf).amin())
+        c = (torch.tensor(key[0]) if t is None else t).to(y.device, torch.float32) # the one copy to the device
+        c = torch.where(c > 0, c, c.masked_fill(c <= 0, math.inf).amin())
         if len(_count_tables) >= 16: del _count_tables[next(iter(_count_tables))]
         hit = _count_tables[key] = t, version, c
     c = hit[2]

@@ -240,11 +240,11 @@ class _ForwardHooks:
     def _drop_hooks(self):
         if self._pending is not None: self._pending.remove()
         self._pending = None
-    def _hook_forward(self, model:nn.Module, pend:_Pending, kind:str, module:nn.Module, pre:bool=False):
-        "Hook `model`'s next forward pass for `pend`: 'start' and 'end' on the model, and `kind` on `module`'s output (its input with `pre`)"
+    def _hook_forward(self, model:nn.Module, pend:_Pending, kind:str, module:nn.Module, pre:bool=False, with_kwargs:bool=False):
+        "Hook `model`'s next forward pass for `pend`: 'start' and 'end' on the model, and `kind` on `module`'s output (its input with `pre`; and its keyword arguments, in `_in_forward`'s last place, with `with_kwargs`)"
         hook = _Hook(self, pend, kind)
         pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
-                        module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook),
+                        module.register_forward_pre_hook(hook, with_kwargs=with_kwargs) if pre else module.register_forward_hook(hook),
                         model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)] # `always_call`: also when the forward raises
 
 def _autocast_dtype(device:torch.device):

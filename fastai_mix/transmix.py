@@ -12,7 +12,7 @@ from fastcore.basics import basic_repr
 from fastcore.meta import delegates
 from .core import *
 from .callback import MixHandler
-from .manifold import _unwrap, _Pending, _Hook, _ForwardHooks
+from .manifold import _unwrap, _Pending, _ForwardHooks
 import fastai_mix.show # `show_batch` on the mixers
 
 # %% auto #0
@@ -260,10 +260,7 @@ class TransMix(_ForwardHooks, MixHandler):
         if learn is None: return (xm, ym), perm, lam # no model: the area shares
         pend = self._pending = _Pending(attn=attn, mask=mask, perm=perm, lam=lam, area=lam.clone(), yb=tuple(yb), ym=ym)
         if learn.training and xb is learn.xb: # the learner's own training batch: its forward pass follows
-            model = learn.model # `_ForwardHooks`' hooks, with the attention's call read with its keyword arguments (EVA's `rope`)
-            pend.handles = [model.register_forward_pre_hook(_Hook(self, pend, 'start')),
-                            attn.register_forward_pre_hook(_Hook(self, pend, 'attn'), with_kwargs=True),
-                            model.register_forward_hook(_Hook(self, pend, 'end'), always_call=True)]
+            self._hook_forward(learn.model, pend, 'attn', attn, pre=True, with_kwargs=True) # the attention's call, with its keyword arguments (EVA's `rope`)
         else: self._probe(learn.model, xm, pend) # show_batch, or a call by hand: one forward pass now, changing nothing
         return (xm, ym), perm, lam
 
@@ -303,10 +300,7 @@ class TransMix(_ForwardHooks, MixHandler):
         try:
             inner.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
-                def read(m, args, kwargs):
-                    pend.calls += 1
-                    if pend.calls == 1: self._read_shares(pend, attention_matrix(m, args, kwargs))
-                handle = pend.attn.register_forward_pre_hook(read, with_kwargs=True)
+                handle = pend.attn.register_forward_pre_hook(lambda m, args, kwargs: self._in_forward(pend, 'attn', args, kwargs), with_kwargs=True)
                 inner(*xm)
             if pend.calls != 1: raise RuntimeError(self._not_run_once(pend))
         finally:
